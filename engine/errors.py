@@ -79,3 +79,22 @@ class TransportError(KlusterError):
     """A WebRTC link failed to open or broke."""
 
     code = "transport"
+
+
+def error_for_code(code: str | None, message: str) -> KlusterError:
+    """Rebuild a typed error from a code received over the wire (unknown codes become PeerError)."""
+    for cls in (
+        ConfigError,
+        ModelNotFoundError,
+        ModelFormatError,
+        FragmentError,
+        ProtocolError,
+        CapacityError,
+        SessionError,
+        CoordinatorError,
+        NoRouteError,
+        TransportError,
+    ):
+        if cls.code == code:
+            return cls(message)
+    return PeerError(message)

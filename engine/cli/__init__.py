@@ -1,0 +1,81 @@
+"""The ``kluster`` command: argument parsing, logging set-up and one-line errors.
+
+Every user mistake surfaces as a ``KlusterError`` whose message is printed on one line
+(``kluster: error: ...``, exit status 2); a traceback means a bug.
+
+  generate    one prompt through a coordinator's route, or --local in this process
+  demo        coordinator + N nodes on loopback, then a chat prompt through them
+  coordinator the maintainers' control-plane server
+  node        a supplier's worker hosting one fragment
+  fragments   pack a model into Tensor Fragments
+  bench       benchmarks that print a table of ratios measured in one run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from engine.errors import KlusterError
+
+log = logging.getLogger("kluster")
+
+LOGLEVEL_ENV = "KLUSTER_LOGLEVEL"
+
+
+def setup_logging(default: str = "WARNING") -> None:
+    level = os.environ.get(LOGLEVEL_ENV, default).upper()
+    logging.basicConfig(
+        level=getattr(logging, level, logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # aiortc/aioice are chatty at INFO; their warnings still show.
+    for noisy in ("aioice", "aiortc"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def add_generation_options(p: argparse.ArgumentParser, *, prompt_required: bool) -> None:
+    p.add_argument("--prompt", required=prompt_required, help="the prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed: same seed, same tokens (default 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON event per line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from engine.cli import bench, demo, fragments, generate, servers
+
+    parser = argparse.ArgumentParser(prog="kluster", description="Run open models across a grid of GPUs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    generate.register(sub)
+    demo.register(sub)
+    servers.register(sub)
+    fragments.register(sub)
+    bench.register(sub)
+    return parser
+
+
+def run_async(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    return asyncio.run(coro_fn())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(getattr(args, "default_loglevel", "WARNING"))
+    try:
+        return int(args.handler(args) or 0)
+    except KlusterError as exc:
+        print(f"kluster: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kluster: interrupted", file=sys.stderr)
+        return 130

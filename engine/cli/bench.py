@@ -1,0 +1,149 @@
+"""``kluster bench ...``: benchmarks that print one table of ratios measured in one run.
+
+Timed assertions do not belong in tests on shared, noisy machines; these commands measure the
+targets instead, everything in one process run so the ratios compare like with like.
+
+  pipeline   our local engine vs transformers generate vs a 3-node WebRTC route (decode, batch 1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+BENCH_PROMPT = "The history of the city of Paris began"
+
+
+def register(sub: Any) -> None:
+    b = sub.add_parser("bench", help="benchmarks (tables of ratios measured in one run)")
+    bsub = b.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    p = bsub.add_parser("pipeline", help="local engine vs transformers vs 3-node WebRTC, tokens/s")
+    p.add_argument("--tokens", type=int, default=64, help="decode tokens per run (default 64)")
+    p.add_argument("--nodes", type=int, default=3, help="nodes in the distributed route (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for local runs (default: torch's)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per engine; the best is reported (default 3)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=run_pipeline)
+
+
+async def _decode_rate(pipeline: Any, prompt_ids: list[int], tokens: int) -> float:
+    """Decode tokens/s of one greedy generation of exactly ``tokens`` tokens after the prefill."""
+    from engine.client.generation import GenerationRequest, generate_events
+    from engine.models.sampling import SamplingParams
+
+    class _NoText:
+        def decode(self, ids: list[int]) -> str:
+            return ""
+
+    request = GenerationRequest(prompt_ids, tokens + 1, SamplingParams(), frozenset())
+    done: dict[str, Any] = {}
+    async for ev in generate_events(pipeline, _NoText(), request):  # type: ignore[arg-type]
+        if ev["event"] == "done":
+            done = ev
+    return float(done["stats"]["decode_tok_s"])
+
+
+def _transformers_rate(folder: Path, prompt_ids: list[int], tokens: int) -> float | None:
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return None
+    import torch
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=tokens + 1, min_new_tokens=tokens + 1, do_sample=False)
+        total = time.perf_counter() - t0
+    return tokens / max(total - prefill, 1e-9)
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    import torch
+
+    from engine.cli.servers import default_pack
+    from engine.client.local import LocalPipeline
+    from engine.client.remote import RemotePipeline
+    from engine.launcher import LocalCluster
+    from engine.models.default_model import DEFAULT_MODEL_ID, ensure_default_model
+    from engine.models.loading import load_model
+    from engine.models.tokenizer import ModelTokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    folder = ensure_default_model()
+    prompt_ids = ModelTokenizer(folder).encode(BENCH_PROMPT)
+    log = (lambda *_: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+
+    log("measuring our local engine ...")
+    local = LocalPipeline(load_model(folder))
+    local_rates = [asyncio.run(_decode_rate(local, prompt_ids, args.tokens)) for _ in range(args.repeats)]
+    asyncio.run(local.shutdown())
+    del local
+
+    log("measuring transformers generate ...")
+    hf_rates = [_transformers_rate(folder, prompt_ids, args.tokens) for _ in range(args.repeats)]
+
+    log(f"starting a coordinator and {args.nodes} nodes ...")
+    cluster = LocalCluster(default_pack(args.nodes), args.nodes, cache_dir=Path(platformdirs.user_cache_dir("kluster")))
+    try:
+        url = cluster.start()
+
+        async def distributed() -> list[float]:
+            await cluster.wait_for_route(DEFAULT_MODEL_ID)
+            remote = RemotePipeline(url, DEFAULT_MODEL_ID)
+            try:
+                await remote.start()
+                await _decode_rate(remote, prompt_ids, 4)  # warm-up: opens the WebRTC links
+                return [await _decode_rate(remote, prompt_ids, args.tokens) for _ in range(args.repeats)]
+            finally:
+                await remote.shutdown()
+
+        log("measuring the distributed route ...")
+        dist_rates = asyncio.run(distributed())
+    finally:
+        cluster.stop()
+
+    local_best = max(local_rates)
+    hf_best = max((r for r in hf_rates if r is not None), default=None)
+    dist_best = max(dist_rates)
+    result = {
+        "tokens": args.tokens,
+        "threads": threads,
+        "nodes": args.nodes,
+        "local_tok_s": round(local_best, 2),
+        "transformers_tok_s": round(hf_best, 2) if hf_best else None,
+        "distributed_tok_s": round(dist_best, 2),
+        "local_vs_transformers": round(local_best / hf_best, 3) if hf_best else None,
+        "distributed_vs_local": round(dist_best / local_best, 3),
+        "targets": {"local_vs_transformers": 1.0, "distributed_vs_local": 0.85},
+    }
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(
+        f"kluster bench pipeline: {DEFAULT_MODEL_ID}, decode {args.tokens} tokens, batch 1, "
+        f"{threads} threads, best of {args.repeats}"
+    )
+    print(f"{'engine':<34}{'tok/s':>10}{'ratio':>12}{'target':>10}")
+    hf_text = f"{hf_best:10.2f}" if hf_best else f"{'n/a':>10}"
+    print(f"{'transformers generate':<34}{hf_text}{'1.00':>12}{'':>10}")
+    ratio = f"{local_best / hf_best:12.2f}" if hf_best else f"{'n/a':>12}"
+    print(f"{'kluster local':<34}{local_best:10.2f}{ratio}{'>= 1.00':>10}")
+    print(
+        f"{f'kluster {args.nodes}-node WebRTC loopback':<34}{dist_best:10.2f}"
+        f"{dist_best / local_best:12.2f}{'>= 0.85':>10}  (vs kluster local)"
+    )
+    return 0

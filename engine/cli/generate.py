@@ -1,0 +1,146 @@
+"""``kluster generate``: one prompt, locally or through a coordinator's route, streamed."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import platformdirs
+
+from engine.client.generation import GenerationRequest, Pipeline, generate_events
+from engine.errors import ConfigError
+from engine.models.sampling import SamplingParams
+from engine.models.tokenizer import ModelTokenizer
+
+
+def register(sub: Any) -> None:
+    from engine.cli import add_generation_options
+
+    p = sub.add_parser("generate", help="generate text with a model, on the grid or locally")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--coordinator", help="coordinator URL, e.g. http://127.0.0.1:8765")
+    where.add_argument("--local", action="store_true", help="run the whole model in this process (reference path)")
+    p.add_argument("--model", default="smollm2-135m", help="model id, local folder or hub id (default smollm2-135m)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for --local")
+    add_generation_options(p, prompt_required=True)
+    p.set_defaults(handler=run)
+
+
+def request_from_args(args: argparse.Namespace, tokenizer: ModelTokenizer) -> GenerationRequest:
+    if not 1 <= args.max_new_tokens <= 100_000:
+        raise ConfigError(f"--max-new-tokens must be between 1 and 100000, got {args.max_new_tokens}")
+    if args.seed < 0:
+        raise ConfigError("--seed must be non-negative")
+    text = args.prompt
+    if not text:
+        raise ConfigError("--prompt must not be empty")
+    if args.chat:
+        text = tokenizer.render_chat([{"role": "user", "content": args.prompt}])
+    return GenerationRequest(
+        prompt_ids=tokenizer.encode(text),
+        max_new_tokens=args.max_new_tokens,
+        sampling=SamplingParams(args.temperature, args.top_p, args.seed),
+        stop_ids=tokenizer.stop_ids,
+    )
+
+
+def _print_summary(done: dict[str, Any], names: dict[str, str], out: TextIO) -> None:
+    s = done["stats"]
+    rate = f"{s['decode_tok_s']:.1f} tok/s" if s["decode_tok_s"] else "n/a"
+    net = (
+        f", network+overhead {s['network_ms_per_token']:.2f} ms/token" if s["network_ms_per_token"] is not None else ""
+    )
+    print(
+        f"\n[{s['generated_tokens']} tokens, prompt {s['prompt_tokens']} tokens, prefill {s['prefill_ms']:.0f} ms, "
+        f"decode {rate}{net}]",
+        file=out,
+    )
+    for hop in s["hops"]:
+        name = names.get(hop["peer"], hop["peer"])
+        print(f"  {name:<12} compute {hop['compute_ms']:7.2f} ms/token   queue {hop['queue_ms']:6.2f} ms", file=out)
+
+
+async def stream(
+    pipeline: Pipeline,
+    tokenizer: ModelTokenizer,
+    request: GenerationRequest,
+    *,
+    as_json: bool,
+    first_events: list[dict[str, Any]] | None = None,
+    names: dict[str, str] | None = None,
+    out: TextIO = sys.stdout,
+) -> dict[str, Any]:
+    """Run a generation, printing events (JSON lines) or streamed text; returns the ``done`` event."""
+    for ev in first_events or []:
+        if as_json:
+            print(json.dumps(ev), file=out, flush=True)
+    done: dict[str, Any] = {}
+    async for ev in generate_events(pipeline, tokenizer, request):
+        if as_json:
+            print(json.dumps(ev), file=out, flush=True)
+        elif ev["event"] == "token":
+            print(ev["text"], end="", file=out, flush=True)
+        if ev["event"] == "done":
+            done = ev
+    if not as_json:
+        _print_summary(done, names or {}, sys.stderr if out is sys.stdout else out)
+    return done
+
+
+def route_text(route_event: dict[str, Any]) -> str:
+    parts = []
+    for i, n in enumerate(route_event["nodes"]):
+        start, end = n["layers"]
+        extra = " + embeddings" if i == 0 else ""
+        extra += " + head" if i == len(route_event["nodes"]) - 1 else ""
+        parts.append(f"{n['name']} [layers {start}-{end - 1}{extra}]")
+    return "route: " + " -> ".join(parts)
+
+
+async def run_remote(args: argparse.Namespace, coordinator: str, *, out: TextIO = sys.stdout) -> dict[str, Any]:
+    from engine.client.remote import RemotePipeline
+
+    pipeline = RemotePipeline(coordinator, args.model)
+    try:
+        await pipeline.start()
+        folder = await pipeline.fetch_tokenizer(Path(platformdirs.user_cache_dir("kluster")))
+        tokenizer = ModelTokenizer(folder)
+        request = request_from_args(args, tokenizer)
+        route = pipeline.route_event()
+        if not args.json:
+            print(route_text(route), file=sys.stderr)
+        names = {h.peer_id: h.name for h in pipeline.route}
+        return await stream(pipeline, tokenizer, request, as_json=args.json, first_events=[route], names=names, out=out)
+    finally:
+        await pipeline.shutdown()
+
+
+async def run_local(args: argparse.Namespace, *, out: TextIO = sys.stdout) -> dict[str, Any]:
+    import torch
+
+    from engine.client.local import LocalPipeline
+    from engine.models.loading import load_model
+    from engine.models.resolve import resolve_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _, folder = resolve_model(args.model)
+    tokenizer = ModelTokenizer(folder)
+    request = request_from_args(args, tokenizer)
+    pipeline = LocalPipeline(await asyncio.to_thread(load_model, folder))
+    try:
+        return await stream(pipeline, tokenizer, request, as_json=args.json, out=out)
+    finally:
+        await pipeline.shutdown()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.local:
+        asyncio.run(run_local(args))
+    else:
+        asyncio.run(run_remote(args, args.coordinator))
+    return 0

@@ -1,0 +1,116 @@
+"""``kluster coordinator`` and ``kluster node``: the long-running processes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from engine.errors import ConfigError
+
+DEFAULT_PORT = 8765
+
+
+def register(sub: Any) -> None:
+    c = sub.add_parser("coordinator", help="run the coordinator (registry, signaling, routes)")
+    c.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    c.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
+    c.add_argument(
+        "--pack",
+        action="append",
+        type=Path,
+        default=[],
+        help="fragment pack to serve (repeatable); default: the embedded model in 3 fragments",
+    )
+    c.add_argument("--db", default=None, help="SQLite registry file (default: in the user data dir; ':memory:')")
+    c.add_argument("--announce", action="store_true", help="print one JSON line with the URL once listening")
+    c.set_defaults(handler=run_coordinator, default_loglevel="INFO")
+
+    n = sub.add_parser("node", help="run a node that hosts a fragment assigned by the coordinator")
+    n.add_argument("--coordinator", required=True, help="coordinator URL, e.g. http://127.0.0.1:8765")
+    n.add_argument("--name", required=True, help="a name for this node, shown in routes")
+    n.add_argument("--cache-dir", type=Path, default=None, help="fragment cache (default: the user cache dir)")
+    n.add_argument("--kv-budget-mb", type=int, default=1024, help="memory for KV caches of all sessions (MiB)")
+    n.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    n.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    n.set_defaults(handler=run_node, default_loglevel="INFO")
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def default_pack(fragments: int = 3) -> Path:
+    """The embedded default model packed into ``fragments`` fragments (packed once, then reused)."""
+    from engine.fragments.pack import PACK_INDEX, pack_model
+    from engine.models.default_model import DEFAULT_MODEL_ID, ensure_default_model
+
+    folder = ensure_default_model()
+    out = Path(platformdirs.user_data_dir("kluster")) / "packs" / f"{DEFAULT_MODEL_ID}-{fragments}"
+    if not (out / PACK_INDEX).is_file():
+        pack_model(folder, out, fragments, model_id=DEFAULT_MODEL_ID)
+    return out
+
+
+def run_coordinator(args: argparse.Namespace) -> int:
+    from engine.coordinator.app import Coordinator, CoordinatorConfig
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be 0-65535, got {args.port}")
+    packs = tuple(args.pack) or (default_pack(),)
+    db = args.db or str(Path(platformdirs.user_data_dir("kluster", ensure_exists=True)) / "coordinator.sqlite3")
+    coordinator = Coordinator(CoordinatorConfig(host=args.host, port=args.port, db_path=db, packs=packs))
+
+    async def main() -> None:
+        try:
+            port = await coordinator.start()
+            url = f"http://{args.host}:{port}"
+            if args.announce:
+                print(json.dumps({"event": "listening", "coordinator": url}), flush=True)
+            else:
+                print(f"coordinator listening on {url}", file=sys.stderr, flush=True)
+            await _until_signalled()
+        finally:
+            await coordinator.shutdown()
+
+    asyncio.run(main())
+    return 0
+
+
+def run_node(args: argparse.Namespace) -> int:
+    from engine.node.worker import Node, NodeConfig
+
+    if args.kv_budget_mb <= 0:
+        raise ConfigError("--kv-budget-mb must be positive")
+    cache = args.cache_dir or Path(platformdirs.user_cache_dir("kluster"))
+    node = Node(NodeConfig(args.coordinator, args.name, cache, args.kv_budget_mb, args.threads, args.device))
+
+    async def main() -> None:
+        serve = asyncio.create_task(node.run())
+        stop = asyncio.create_task(_until_signalled())
+        try:
+            done, _ = await asyncio.wait({serve, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if serve in done:
+                serve.result()  # re-raise a failure to connect
+        finally:
+            stop.cancel()
+            await node.shutdown()
+            if not serve.done():
+                serve.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await serve
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,145 @@
+"""Runs one loaded fragment for many sessions: per-session KV caches, bounded memory, off the loop.
+
+Why a single worker thread: torch already uses every core for one matmul, and running two
+sessions' steps at once would only make both slower and their timings meaningless. The asyncio
+loop stays free to move other sessions' bytes while a step computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.errors import CapacityError, ProtocolError, SessionError
+from engine.models.kv_cache import KVCache
+from engine.models.llama import FragmentModel
+from engine.models.sampling import SamplingParams, sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    #: memory reserved for KV caches of all sessions together, in bytes
+    kv_budget_bytes: int = 1 << 30
+    #: a session untouched for this long is dropped (its client is presumed gone)
+    session_idle_s: float = 600.0
+    #: longest context a session may ask for
+    max_context: int = 8192
+
+
+@dataclass
+class _Session:
+    cache: KVCache
+    reserved: int
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """A step's result: hidden states for the next hop, or the sampled token at the last hop."""
+
+    hidden: torch.Tensor | None
+    token_id: int | None
+    queue_ms: float
+    compute_ms: float
+
+
+class FragmentExecutor:
+    """Executes steps of sessions on one ``FragmentModel``."""
+
+    def __init__(self, model: FragmentModel, config: ExecutorConfig | None = None) -> None:
+        self.model = model
+        self.config = config or ExecutorConfig()
+        self._sessions: dict[str, _Session] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fragment")
+
+    @property
+    def sessions(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def reserved_bytes(self) -> int:
+        return sum(s.reserved for s in self._sessions.values())
+
+    def _expire_idle(self) -> None:
+        now = time.monotonic()
+        for sid in [k for k, s in self._sessions.items() if now - s.last_used > self.config.session_idle_s]:
+            log.info("dropping idle session %s", sid)
+            del self._sessions[sid]
+
+    def _open(self, session: str, max_tokens: int) -> _Session:
+        cfg = self.model.cfg
+        if max_tokens > min(self.config.max_context, cfg.max_position_embeddings):
+            raise SessionError(
+                f"requested context of {max_tokens} tokens exceeds this node's limit of "
+                f"{min(self.config.max_context, cfg.max_position_embeddings)}"
+            )
+        dtype = next(self.model.parameters()).dtype
+        need = KVCache.bytes_for(self.model.num_layers, cfg.num_key_value_heads, cfg.head_dim, max_tokens, dtype)
+        self._expire_idle()
+        if self.reserved_bytes + need > self.config.kv_budget_bytes:
+            raise CapacityError(
+                f"node is full: {self.sessions} sessions hold {self.reserved_bytes >> 20} MiB of its "
+                f"{self.config.kv_budget_bytes >> 20} MiB KV budget; this session needs {need >> 20} MiB more"
+            )
+        state = _Session(self.model.new_cache(max_tokens), need)
+        self._sessions[session] = state
+        return state
+
+    def check_input(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Refuse inputs that do not fit this fragment (shape, dtype, token range) before any compute."""
+        cfg = self.model.cfg
+        if self.model.has_embed:
+            if tensor.dtype != torch.int64 or tensor.dim() != 1 or tensor.numel() == 0:
+                raise ProtocolError("the first fragment takes a 1-D int64 tensor of token ids")
+            if int(tensor.min()) < 0 or int(tensor.max()) >= cfg.vocab_size:
+                raise ProtocolError(f"token id outside the vocabulary of {cfg.vocab_size}")
+            return tensor.unsqueeze(0)
+        if not tensor.is_floating_point() or tensor.dim() != 2 or tensor.shape[1] != cfg.hidden_size:
+            raise ProtocolError(f"expected hidden states of shape [tokens, {cfg.hidden_size}]")
+        if tensor.shape[0] == 0:
+            raise ProtocolError("empty hidden-state tensor")
+        return tensor.unsqueeze(0)
+
+    def _compute(
+        self, state: _Session, x: torch.Tensor, pos: int, sampling: SamplingParams | None, queued: float
+    ) -> StepOutput:
+        t0 = time.perf_counter()
+        out = self.model(x, pos, state.cache)
+        token = None
+        hidden: torch.Tensor | None = out[0]
+        if self.model.has_head:
+            token = sample(out[0, -1], sampling or SamplingParams(), pos + x.shape[1])
+            hidden = None
+        return StepOutput(hidden, token, (t0 - queued) * 1000, (time.perf_counter() - t0) * 1000)
+
+    async def step(
+        self, session: str, pos: int, tensor: torch.Tensor, max_tokens: int, sampling: SamplingParams | None = None
+    ) -> StepOutput:
+        """Run positions ``pos..pos+T`` of ``session``; a new session must start at position 0."""
+        x = self.check_input(tensor)
+        state = self._sessions.get(session)
+        if state is None:
+            if pos != 0:
+                raise SessionError(f"unknown session {session} (expired, or this node restarted)")
+            state = self._open(session, max_tokens)
+        if pos != state.cache.length:
+            raise SessionError(f"session {session}: got position {pos}, expected {state.cache.length}")
+        if pos + x.shape[1] > state.cache.max_tokens:
+            raise SessionError(f"session {session} exceeds its declared {state.cache.max_tokens} tokens")
+        state.last_used = time.monotonic()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._compute, state, x, pos, sampling, time.perf_counter())
+
+    def close_session(self, session: str) -> bool:
+        return self._sessions.pop(session, None) is not None
+
+    async def shutdown(self) -> None:
+        self._sessions.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,119 @@
+"""Fragment manifests: what a fragment holds and how to check its files are the ones packed.
+
+A fragment directory holds ``manifest.json``, ``config.json`` (the whole model's architecture)
+and ``weights.safetensors`` (only this fragment's tensors). The manifest records each file's size
+and sha256, so a node can refuse a corrupt or substituted fragment before loading a byte of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.errors import FragmentError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+CONFIG = "config.json"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything the scheduler and a node need to know about one fragment without loading it."""
+
+    format: int
+    model_id: str
+    index: int
+    count: int
+    start: int
+    end: int
+    embed: bool
+    head: bool
+    dtype: str
+    #: total size of the fragment's files in bytes (what a node must download and hold)
+    bytes: int
+    #: forward FLOPs per token for this fragment's layers (and head, when held)
+    flops_per_token: int
+    files: dict[str, FileEntry]
+
+    @property
+    def name(self) -> str:
+        return f"frag-{self.index:02d}-of-{self.count:02d}"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def parse_manifest(raw: Any) -> Manifest:
+    """Strictly validate a manifest dictionary (also what the coordinator sends to nodes)."""
+    if not isinstance(raw, dict):
+        raise FragmentError("manifest is not a JSON object")
+    try:
+        files = {str(name): FileEntry(int(e["bytes"]), str(e["sha256"])) for name, e in dict(raw["files"]).items()}
+        m = Manifest(
+            format=int(raw["format"]),
+            model_id=str(raw["model_id"]),
+            index=int(raw["index"]),
+            count=int(raw["count"]),
+            start=int(raw["start"]),
+            end=int(raw["end"]),
+            embed=bool(raw["embed"]),
+            head=bool(raw["head"]),
+            dtype=str(raw["dtype"]),
+            bytes=int(raw["bytes"]),
+            flops_per_token=int(raw["flops_per_token"]),
+            files=files,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FragmentError(f"manifest is malformed: {exc!r}") from None
+    if m.format != FORMAT_VERSION:
+        raise FragmentError(f"fragment format {m.format} not supported (expected {FORMAT_VERSION})")
+    if not (0 <= m.index < m.count and 0 <= m.start <= m.end) or set(files) != {WEIGHTS, CONFIG}:
+        raise FragmentError("manifest is inconsistent (index, layer range or file list)")
+    if any(Path(n).name != n for n in files):
+        raise FragmentError("manifest names a file outside the fragment directory")
+    return m
+
+
+def read_manifest(folder: Path) -> Manifest:
+    path = folder / MANIFEST
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FragmentError(f"{folder} is not a fragment: no {MANIFEST}") from None
+    except (OSError, ValueError) as exc:
+        raise FragmentError(f"cannot read {path}: {exc}") from None
+    return parse_manifest(raw)
+
+
+def verify_files(folder: Path, manifest: Manifest) -> None:
+    """Check every file's size and sha256 against the manifest; name the first mismatch."""
+    for name, entry in manifest.files.items():
+        path = folder / name
+        if not path.is_file():
+            raise FragmentError(f"fragment {manifest.name} of {manifest.model_id} is missing {name}")
+        size = path.stat().st_size
+        if size != entry.bytes:
+            raise FragmentError(
+                f"fragment {manifest.name} of {manifest.model_id}: {name} has {size} bytes, manifest says {entry.bytes}"
+            )
+        if sha256_file(path) != entry.sha256:
+            raise FragmentError(f"fragment {manifest.name} of {manifest.model_id}: {name} fails its sha256 check")

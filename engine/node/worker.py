@@ -1,0 +1,193 @@
+"""The node: hosts one fragment and serves it to clients and to the previous hop of routes.
+
+Life cycle: connect to the coordinator, receive an assignment, fetch and verify the fragment,
+load it, say ``ready``, then serve ``Forward`` messages arriving over WebRTC until shut down.
+A malformed or unserviceable message gets a typed ``ErrorReply`` to the requesting client (or to
+the sender when the message is too broken to name one); the node keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import torch
+
+from engine.errors import FragmentError, KlusterError, ProtocolError
+from engine.fragments.executor import ExecutorConfig, FragmentExecutor
+from engine.fragments.manifest import Manifest, parse_manifest
+from engine.fragments.store import load_fragment
+from engine.models.sampling import SamplingParams
+from engine.node.fetch import fetch_fragment
+from engine.protocol import messages as wire
+from engine.transport.peer import PeerManager
+from engine.transport.signaling import SignalingClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    coordinator: str
+    name: str
+    #: where fetched fragments are cached (shared safely by nodes on one machine)
+    cache_dir: Path
+    #: memory reserved for all sessions' KV caches
+    kv_budget_mb: int = 1024
+    #: torch threads for this node's compute (None: torch's default)
+    threads: int | None = None
+    device: str = "cpu"
+    connect_timeout_s: float = 10.0
+
+
+class Node:
+    """One supplier worker process."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.signaling = SignalingClient(config.coordinator, "node", config.name, on_control=self._on_control)
+        self.peers: PeerManager | None = None
+        self.executor: FragmentExecutor | None = None
+        self.manifest: Manifest | None = None
+        self._load_task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def peer_id(self) -> str:
+        return self.signaling.peer_id
+
+    async def run(self) -> None:
+        """Serve until the coordinator connection closes or ``shutdown`` is called."""
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        await self.signaling.connect()
+        self.peers = PeerManager(
+            self.peer_id,
+            self.signaling.send_signal,
+            self._on_message,
+            ice_servers=self.signaling.ice_servers,
+            connect_timeout=self.config.connect_timeout_s,
+        )
+        self.signaling.peers = self.peers
+        log.info("node %s registered as %s", self.config.name, self.peer_id)
+        try:
+            await self.signaling.run()
+        finally:
+            await self.shutdown()
+
+    async def _on_control(self, data: dict[str, Any]) -> None:
+        if data.get("type") == "assign":
+            if self._load_task is not None:
+                log.warning("ignoring a second assignment")
+                return
+            self._load_task = asyncio.create_task(self._load(data), name="load-fragment")
+
+    async def _load(self, data: dict[str, Any]) -> None:
+        try:
+            manifest = parse_manifest(data.get("manifest"))
+            base = self.signaling.coordinator + str(data.get("files_url", ""))
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600, sock_connect=10)) as http:
+                folder = await fetch_fragment(http, base, manifest, self.config.cache_dir)
+            _, model = await asyncio.to_thread(load_fragment, folder, device=self.config.device)
+            self.executor = FragmentExecutor(model, ExecutorConfig(kv_budget_bytes=self.config.kv_budget_mb << 20))
+            self.manifest = manifest
+            await self.signaling.send({"type": "ready", "model_id": manifest.model_id, "fragment": manifest.index})
+            log.info("serving %s layers %d-%d", manifest.model_id, manifest.start, manifest.end)
+        except (KlusterError, OSError) as exc:
+            log.error("cannot host the assigned fragment: %s", exc)
+            with contextlib.suppress(KlusterError):
+                await self.signaling.send({"type": "failed", "message": str(exc)})
+
+    # ------------------------------------------------------------------ serving
+
+    async def _reply_error(self, to: str, exc: KlusterError, session: str | None, step: int | None) -> None:
+        if self.peers is None:
+            return
+        reply = wire.ErrorReply(exc.code, str(exc), self.peer_id, session, step)
+        try:
+            await self.peers.send(to, wire.encode(reply))
+        except KlusterError as send_exc:
+            log.warning("could not send an error reply to %s: %s", to, send_exc)
+
+    async def _on_message(self, sender: str, data: bytes) -> None:
+        try:
+            msg = wire.decode(data)
+        except ProtocolError as exc:
+            log.warning("malformed message from %s: %s", sender, exc)
+            await self._reply_error(sender, exc, None, None)
+            return
+        if isinstance(msg, wire.Forward):
+            try:
+                await self._forward(msg)
+            except KlusterError as exc:
+                log.warning("step %s of session %s failed: %s", msg.step, msg.session, exc)
+                await self._reply_error(msg.reply_to, exc, msg.session, msg.step)
+        elif isinstance(msg, wire.Close):
+            await self._close(msg)
+        else:
+            log.debug("ignoring %s from %s", type(msg).__name__, sender)
+
+    async def _forward(self, msg: wire.Forward) -> None:
+        if self.executor is None or self.manifest is None or self.peers is None:
+            raise FragmentError(f"node {self.config.name} is still loading its fragment")
+        hop = msg.route[msg.hop]
+        m = self.manifest
+        if hop.peer != self.peer_id or (hop.start, hop.end) != (m.start, m.end):
+            raise ProtocolError(
+                f"route asks node {self.config.name} for layers {hop.start}-{hop.end}, it hosts {m.start}-{m.end}"
+            )
+        if msg.tensor is None:
+            raise ProtocolError("forward without a tensor")
+        last = msg.hop == len(msg.route) - 1
+        if last != m.head:
+            raise ProtocolError("route does not end at the fragment holding the LM head")
+        sampling = SamplingParams(msg.sampling.temperature, msg.sampling.top_p, msg.sampling.seed)
+        out = await self.executor.step(msg.session, msg.pos, msg.tensor, msg.max_tokens, sampling)
+        timings = (*msg.timings, wire.HopTiming(self.peer_id, round(out.queue_ms, 3), round(out.compute_ms, 3)))
+        if out.token_id is not None:
+            pos = msg.pos + msg.tensor.shape[0]
+            token = wire.Token(msg.session, msg.step, pos, out.token_id, timings)
+            await self.peers.send(msg.reply_to, wire.encode(token))
+        else:
+            nxt = wire.Forward(
+                msg.session,
+                msg.step,
+                msg.pos,
+                msg.route,
+                msg.hop + 1,
+                msg.reply_to,
+                msg.sampling,
+                msg.max_tokens,
+                timings,
+                out.hidden,
+            )
+            await self.peers.send(msg.route[msg.hop + 1].peer, wire.encode(nxt))
+
+    async def _close(self, msg: wire.Close) -> None:
+        if self.executor is not None:
+            self.executor.close_session(msg.session)
+        if msg.hop + 1 < len(msg.route) and self.peers is not None:
+            nxt = wire.Close(msg.session, msg.route, msg.hop + 1)
+            try:
+                await self.peers.send(msg.route[msg.hop + 1].peer, wire.encode(nxt))
+            except KlusterError as exc:
+                log.info("could not pass on the close of session %s: %s", msg.session, exc)
+
+    async def shutdown(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._load_task
+        if self.peers is not None:
+            await self.peers.shutdown()
+        if self.executor is not None:
+            await self.executor.shutdown()
+        await self.signaling.shutdown()

@@ -1,0 +1,308 @@
+"""Wire messages between client and nodes: versioned, strict, tensor bytes carried raw.
+
+A message is ``magic "KM" | version u8 | header length u32 (big endian) | header JSON | tensor``.
+The header is a JSON object whose ``type`` selects one of the frozen dataclasses below; every
+field is type-checked and unknown fields are refused, so a peer on another version fails loudly
+instead of being half-understood. Tensor bytes are little endian, of an allow-listed dtype, with
+a shape whose size must match the payload exactly. Nothing received is ever unpickled.
+
+Chunking to the data channel's message limit is the transport's job, not this module's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from engine.errors import ProtocolError
+
+MAGIC = b"KM"
+VERSION = 1
+_PREFIX = struct.Struct("!2sBI")
+MAX_HEADER_BYTES = 64 * 1024
+#: Largest tensor accepted by default (elements); callers may pass tighter limits.
+MAX_TENSOR_ELEMENTS = 64 * 1024 * 1024
+MAX_RANK = 4
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One node of a route and the layers it runs for this request."""
+
+    peer: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class HopTiming:
+    """What one hop spent on a step: waiting for its compute thread and computing."""
+
+    peer: str
+    queue_ms: float
+    compute_ms: float
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Run ``tensor`` (token ids at hop 0, hidden states after) through the route from ``hop`` on."""
+
+    session: str
+    step: int
+    pos: int
+    route: tuple[Hop, ...]
+    hop: int
+    reply_to: str
+    sampling: Sampling
+    max_tokens: int
+    timings: tuple[HopTiming, ...] = ()
+    tensor: torch.Tensor | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Token:
+    """The last hop's sampled token for position ``pos``, sent back to the client."""
+
+    session: str
+    step: int
+    pos: int
+    token_id: int
+    timings: tuple[HopTiming, ...] = ()
+
+
+@dataclass(frozen=True)
+class Close:
+    """End a session: each hop frees its cache and passes the message on along the route."""
+
+    session: str
+    route: tuple[Hop, ...]
+    hop: int
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """A typed failure sent back to the client (``code`` is an ``engine.errors`` code)."""
+
+    code: str
+    message: str
+    peer: str
+    session: str | None = None
+    step: int | None = None
+
+
+Message = Forward | Token | Close | ErrorReply
+_TYPES: dict[str, type] = {"forward": Forward, "token": Token, "close": Close, "error": ErrorReply}
+_TYPE_NAMES = {v: k for k, v in _TYPES.items()}
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Hop | HopTiming | Sampling):
+        return {f.name: getattr(value, f.name) for f in fields(value)}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def encode(msg: Message) -> bytes:
+    """Serialise a message; the tensor (if any) goes after the JSON header as raw bytes."""
+    header: dict[str, Any] = {"type": _TYPE_NAMES[type(msg)]}
+    payload = b""
+    for f in fields(msg):
+        value = getattr(msg, f.name)
+        if f.name == "tensor":
+            if value is None:
+                continue
+            t = value.detach().to("cpu").contiguous()
+            if t.dtype not in _DTYPE_NAMES:
+                raise ProtocolError(f"dtype {t.dtype} cannot be sent")
+            header["tensor"] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape)}
+            payload = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        else:
+            header[f.name] = _plain(value)
+    head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    return _PREFIX.pack(MAGIC, VERSION, len(head)) + head + payload
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _fail(what: str) -> ProtocolError:
+    return ProtocolError(f"malformed message: {what}")
+
+
+def _int(v: Any, name: str, lo: int = 0, hi: int = 2**62) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise _fail(f"'{name}' must be an integer in [{lo}, {hi}]")
+    return v
+
+
+def _float(v: Any, name: str) -> float:
+    if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+        raise _fail(f"'{name}' must be a finite number")
+    return float(v)
+
+
+def _str(v: Any, name: str, limit: int = 256) -> str:
+    if not isinstance(v, str) or len(v) > limit:
+        raise _fail(f"'{name}' must be a string of at most {limit} characters")
+    return v
+
+
+def _obj(v: Any, name: str, keys: set[str], optional: frozenset[str] = frozenset()) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise _fail(f"'{name}' must be an object")
+    if not keys - optional <= set(v) <= keys:
+        raise _fail(f"'{name}' must have fields {sorted(keys)}, got {sorted(v)}")
+    return v
+
+
+def _hops(v: Any) -> tuple[Hop, ...]:
+    if not isinstance(v, list) or not 1 <= len(v) <= 256:
+        raise _fail("'route' must be a list of 1-256 hops")
+    out = []
+    for h in v:
+        h = _obj(h, "hop", {"peer", "start", "end"})
+        start, end = _int(h["start"], "start", 0, 1_000_000), _int(h["end"], "end", 0, 1_000_000)
+        if end < start:
+            raise _fail("hop end before start")
+        out.append(Hop(_str(h["peer"], "peer"), start, end))
+    return tuple(out)
+
+
+def _timings(v: Any) -> tuple[HopTiming, ...]:
+    if not isinstance(v, list) or len(v) > 256:
+        raise _fail("'timings' must be a list of at most 256 entries")
+    out = []
+    for t in v:
+        t = _obj(t, "timing", {"peer", "queue_ms", "compute_ms"})
+        queue, compute = _float(t["queue_ms"], "queue_ms"), _float(t["compute_ms"], "compute_ms")
+        out.append(HopTiming(_str(t["peer"], "peer"), queue, compute))
+    return tuple(out)
+
+
+def _sampling(v: Any) -> Sampling:
+    s = _obj(v, "sampling", {"temperature", "top_p", "seed"})
+    temp, top_p = _float(s["temperature"], "temperature"), _float(s["top_p"], "top_p")
+    if not 0.0 <= temp <= 100.0 or not 0.0 < top_p <= 1.0:
+        raise _fail("sampling parameters out of range")
+    return Sampling(temp, top_p, _int(s["seed"], "seed", 0, 2**63 - 1))
+
+
+def _optional(v: Any, parse: Callable[[Any], Any]) -> Any:
+    return None if v is None else parse(v)
+
+
+def _tensor(desc: Any, payload: memoryview, max_elements: int) -> torch.Tensor:
+    desc = _obj(desc, "tensor", {"dtype", "shape"})
+    dtype = DTYPES.get(desc["dtype"]) if isinstance(desc["dtype"], str) else None
+    if dtype is None:
+        raise _fail(f"dtype {desc['dtype']!r} not allowed (allowed: {', '.join(DTYPES)})")
+    shape = desc["shape"]
+    if not isinstance(shape, list) or not 1 <= len(shape) <= MAX_RANK:
+        raise _fail(f"tensor rank must be 1-{MAX_RANK}")
+    dims = [_int(d, "shape", 0, max_elements) for d in shape]
+    numel = math.prod(dims)
+    if numel > max_elements:
+        raise _fail(f"tensor of {numel} elements exceeds the limit of {max_elements}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(payload) != numel * itemsize:
+        raise _fail(f"payload has {len(payload)} bytes, shape {dims} of {desc['dtype']} needs {numel * itemsize}")
+    if numel == 0:
+        return torch.empty(dims, dtype=dtype)
+    t = torch.frombuffer(bytearray(payload), dtype=dtype).reshape(dims)
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise _fail("tensor holds NaN or infinite values")
+    return t
+
+
+def decode(data: bytes | bytearray | memoryview, *, max_elements: int = MAX_TENSOR_ELEMENTS) -> Message:
+    """Parse one whole message; anything malformed raises ``ProtocolError`` with a one-line reason."""
+    view = memoryview(data)
+    if len(view) < _PREFIX.size:
+        raise _fail("shorter than its prefix")
+    magic, version, head_len = _PREFIX.unpack_from(view)
+    if magic != MAGIC:
+        raise _fail("bad magic")
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version} not supported (this node speaks {VERSION})")
+    if head_len > MAX_HEADER_BYTES or _PREFIX.size + head_len > len(view):
+        raise _fail("header length out of range")
+    try:
+        header = json.loads(bytes(view[_PREFIX.size : _PREFIX.size + head_len]))
+    except (UnicodeDecodeError, ValueError):
+        raise _fail("header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise _fail("header is not an object")
+    kind = _TYPES.get(header.pop("type", None)) if isinstance(header.get("type"), str) else None
+    if kind is None:
+        raise _fail(f"unknown message type {header.get('type')!r}")
+    payload = view[_PREFIX.size + head_len :]
+    tensor_desc = header.pop("tensor", None)
+    names = {f.name for f in fields(kind)} - {"tensor"}
+    if not set(header) <= names:
+        raise _fail(f"unknown fields {sorted(set(header) - names)}")
+    h = header
+    try:
+        if kind is Forward:
+            if tensor_desc is None:
+                raise _fail("forward without a tensor")
+            route = _hops(h["route"])
+            hop = _int(h["hop"], "hop", 0, len(route) - 1)
+            return Forward(
+                session=_str(h["session"], "session"),
+                step=_int(h["step"], "step"),
+                pos=_int(h["pos"], "pos", 0, 10_000_000),
+                route=route,
+                hop=hop,
+                reply_to=_str(h["reply_to"], "reply_to"),
+                sampling=_sampling(h["sampling"]),
+                max_tokens=_int(h["max_tokens"], "max_tokens", 1, 10_000_000),
+                timings=_timings(h.get("timings", [])),
+                tensor=_tensor(tensor_desc, payload, max_elements),
+            )
+        if tensor_desc is not None or len(payload):
+            raise _fail("unexpected tensor payload")
+        if kind is Token:
+            return Token(
+                session=_str(h["session"], "session"),
+                step=_int(h["step"], "step"),
+                pos=_int(h["pos"], "pos"),
+                token_id=_int(h["token_id"], "token_id", 0, 2**31),
+                timings=_timings(h.get("timings", [])),
+            )
+        if kind is Close:
+            route = _hops(h["route"])
+            return Close(_str(h["session"], "session"), route, _int(h["hop"], "hop", 0, len(route) - 1))
+        return ErrorReply(
+            code=_str(h["code"], "code", 64),
+            message=_str(h["message"], "message", 2000),
+            peer=_str(h["peer"], "peer"),
+            session=_optional(h.get("session"), lambda v: _str(v, "session")),
+            step=_optional(h.get("step"), lambda v: _int(v, "step")),
+        )
+    except KeyError as exc:
+        raise _fail(f"missing field {exc.args[0]!r}") from None

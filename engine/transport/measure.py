@@ -1,0 +1,204 @@
+"""Loopback figures for the transport, between two real processes: ``python -m engine.transport.measure``.
+
+Why two processes: in one process both ends of a link share one event loop and one core, which
+halves what aiortc (pure Python SCTP/DTLS) can do; a real deployment has one peer per machine.
+
+The parent runs a :class:`PeerManager` and spawns ``python -m engine.transport.measure --echo``,
+whose PeerManager answers every message (see :func:`_echo_reply`). Signaling goes over the child's
+stdin/stdout as JSON lines, standing in for the coordinator relay. Printed figures:
+
+* RTT p50/p99 of 2.3 KB messages (one token's hidden state; ``--size``), one at a time;
+* throughput of 1 MB messages sent back to back, each acknowledged by a tiny reply.
+
+:class:`EchoProcess` is also what the cross-process integration test uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import statistics
+import struct
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from engine.transport.peer import PeerManager
+
+log = logging.getLogger(__name__)
+
+ECHO_ID = "echo"
+
+#: First byte of a request to the echo peer: E = send it back, H = reply sha256, else reply its length.
+ECHO = b"E"
+HASH = b"H"
+
+
+def _echo_reply(data: bytes) -> bytes:
+    """What the echo peer answers to ``data``."""
+    if data[:1] == ECHO:
+        return data
+    if data[:1] == HASH:
+        return HASH + hashlib.sha256(data[1:]).digest()
+    return b"A" + struct.pack("!Q", len(data))
+
+
+async def _run_echo() -> None:
+    """Child side: a PeerManager that answers messages, signaling over stdin/stdout."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    out = sys.stdout
+
+    async def send_signal(peer_id: str, data: dict[str, Any]) -> None:
+        out.write(json.dumps({"to": peer_id, "from": ECHO_ID, "data": data}) + "\n")
+        out.flush()
+
+    async def on_message(peer_id: str, data: bytes) -> None:
+        await manager.send(peer_id, _echo_reply(data))
+
+    manager = PeerManager(ECHO_ID, send_signal, on_message)
+    try:
+        while line := await reader.readline():
+            msg = json.loads(line)
+            try:
+                await manager.handle_signal(msg["from"], msg["data"])
+            except Exception:
+                log.exception("echo: bad signal")
+    finally:
+        await manager.shutdown()
+
+
+def _child_env() -> dict[str, str]:
+    """The environment for the child: it must import this very ``engine`` package."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+class EchoProcess:
+    """An echo peer in a child process plus a local PeerManager wired to it.
+
+    ``async with EchoProcess(on_message) as echo: await echo.manager.send(ECHO_ID, b"E...")``.
+    """
+
+    def __init__(
+        self,
+        on_message: Callable[[str, bytes], Awaitable[None]],
+        *,
+        self_id: str = "measure",
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.self_id = self_id
+        self.manager = PeerManager(self_id, self._send_signal, on_message, connect_timeout=connect_timeout)
+        self.proc: asyncio.subprocess.Process | None = None
+        self._relay: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> EchoProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "engine.transport.measure",
+            "--echo",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=_child_env(),
+        )
+        self._relay = asyncio.get_running_loop().create_task(self._relay_signals(), name="measure-relay")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.manager.shutdown()
+        proc = self.proc
+        if proc is not None:
+            if proc.stdin is not None:
+                proc.stdin.close()  # EOF: the child shuts its manager down and exits
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._relay is not None:
+            self._relay.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._relay
+
+    async def _send_signal(self, peer_id: str, data: dict[str, Any]) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps({"to": peer_id, "from": self.self_id, "data": data}) + "\n").encode())
+        await self.proc.stdin.drain()
+
+    async def _relay_signals(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            msg = json.loads(line)
+            try:
+                await self.manager.handle_signal(msg["from"], msg["data"])
+            except Exception:
+                log.exception("measure: bad signal from the echo process")
+
+
+async def _measure(pings: int, bulk: int, size: int) -> None:
+    replies: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_message(peer_id: str, data: bytes) -> None:
+        replies.put_nowait(data)
+
+    async with EchoProcess(on_message) as echo:
+        send = echo.manager.send
+        t0 = time.perf_counter()
+        await send(ECHO_ID, ECHO)
+        await replies.get()
+        print(f"link setup + first round trip: {(time.perf_counter() - t0) * 1e3:.1f} ms")
+
+        token = ECHO + os.urandom(size - 1)
+        for _ in range(50):  # warm-up
+            await send(ECHO_ID, token)
+            await replies.get()
+        rtts = []
+        for _ in range(pings):
+            t = time.perf_counter()
+            await send(ECHO_ID, token)
+            await replies.get()
+            rtts.append(time.perf_counter() - t)
+        q = statistics.quantiles(rtts, n=100)
+        print(f"RTT {size} B x {pings}: p50 {q[49] * 1e3:.2f} ms, p99 {q[98] * 1e3:.2f} ms")
+
+        block = os.urandom(1_000_000)
+        await send(ECHO_ID, block)  # warm-up
+        await replies.get()
+        t = time.perf_counter()
+        for _ in range(bulk):
+            await send(ECHO_ID, block)
+        for _ in range(bulk):
+            await replies.get()
+        dt = time.perf_counter() - t
+        print(f"bulk 1 MB x {bulk}: {bulk * len(block) / dt / 1e6:.1f} MB/s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--echo", action="store_true", help="run the echo peer (child side)")
+    parser.add_argument("--pings", type=int, default=1000, help="round trips to time")
+    parser.add_argument("--bulk", type=int, default=30, help="1 MB messages to send")
+    parser.add_argument(
+        "--size", type=int, default=2304, help="bytes per RTT message (2304: one token's 1152 x fp16 state)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    asyncio.run(_run_echo() if args.echo else _measure(args.pings, args.bulk, max(args.size, 1)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""PeerManager over real aiortc links on loopback: in one process with an in-memory signaling
+relay, and once across two OS processes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from engine.errors import PeerError, ProtocolError, TransportError
+from engine.transport.chunking import MAX_CHUNK, encode_whole, iter_chunks
+from engine.transport.measure import ECHO, ECHO_ID, HASH, EchoProcess
+from engine.transport.peer import HIGH_WATER, PeerManager
+
+pytestmark = pytest.mark.timeout(60)
+
+OnMessage = Callable[[str, bytes], Awaitable[None]]
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition`` until true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.005)
+
+
+class Mesh:
+    """PeerManagers in one process; send_signal calls the target's handle_signal directly.
+
+    Signals to a name with no manager vanish, like a peer that never answers.
+    """
+
+    def __init__(self) -> None:
+        self.managers: dict[str, PeerManager] = {}
+        self.inbox: dict[str, list[tuple[str, bytes]]] = defaultdict(list)
+        self.offers: Counter[tuple[str, str]] = Counter()
+
+    def add(self, name: str, on_message: OnMessage | None = None, **kwargs: Any) -> PeerManager:
+        async def send_signal(to: str, data: dict[str, Any]) -> None:
+            if data.get("type") == "offer":
+                self.offers[(name, to)] += 1
+            target = self.managers.get(to)
+            if target is not None:
+                await target.handle_signal(name, data)
+
+        async def record(peer_id: str, data: bytes) -> None:
+            self.inbox[name].append((peer_id, data))
+
+        manager = PeerManager(name, send_signal, on_message or record, **kwargs)
+        self.managers[name] = manager
+        return manager
+
+    def received(self, name: str) -> list[bytes]:
+        return [data for _, data in self.inbox[name]]
+
+    async def close(self) -> None:
+        for manager in self.managers.values():
+            await manager.shutdown()
+
+
+@pytest.fixture
+async def mesh() -> AsyncIterator[Mesh]:
+    m = Mesh()
+    try:
+        yield m
+    finally:
+        await m.close()
+
+
+async def test_round_trip_and_reply_over_the_incoming_link(mesh: Mesh) -> None:
+    a = mesh.add("a")
+
+    async def echo(peer_id: str, data: bytes) -> None:
+        await b.send(peer_id, b"re:" + data)
+
+    b = mesh.add("b", on_message=echo)
+    for i in range(3):
+        await a.send("b", b"hello %d" % i)
+    await until(lambda: len(mesh.inbox["a"]) == 3)
+    assert mesh.inbox["a"] == [("b", b"re:hello %d" % i) for i in range(3)]
+    # One connection serves both directions.
+    assert mesh.offers == {("a", "b"): 1}
+    (la,), (lb,) = a.links(), b.links()
+    assert (la.peer_id, la.outgoing, la.state, la.sending) == ("b", True, "open", True)
+    assert (lb.peer_id, lb.outgoing, lb.state, lb.sending) == ("a", False, "open", True)
+    assert la.link_id == lb.link_id
+    assert la.messages_sent == lb.messages_received == 3
+    assert a.is_connected("b") and b.is_connected("a") and not a.is_connected("c")
+
+
+async def test_empty_and_boundary_messages(mesh: Mesh) -> None:
+    a, _ = mesh.add("a"), mesh.add("b")
+    sizes = [0, 1, MAX_CHUNK - 3, MAX_CHUNK - 2, MAX_CHUNK, 3 * MAX_CHUNK]
+    messages = [os.urandom(n) for n in sizes]
+    for m in messages:
+        await a.send("b", m)
+    await until(lambda: len(mesh.inbox["b"]) == len(messages))
+    assert mesh.received("b") == messages
+
+
+async def test_five_megabytes_arrive_intact_under_back_pressure(mesh: Mesh) -> None:
+    a, _ = mesh.add("a"), mesh.add("b")
+    await a.send("b", b"warm-up")
+    channel = a._send_links["b"].channel
+    assert channel is not None
+    peak = 0
+    real_send = channel.send
+
+    def tracking_send(chunk: bytes | str) -> None:
+        nonlocal peak
+        real_send(chunk)
+        peak = max(peak, channel.bufferedAmount)
+
+    channel.send = tracking_send  # type: ignore[method-assign]
+    big = os.urandom(5_000_000)
+    await a.send("b", big)
+    await a.send("b", b"after")
+    await until(lambda: len(mesh.inbox["b"]) == 3, timeout=40)
+    assert hashlib.sha256(mesh.received("b")[1]).digest() == hashlib.sha256(big).digest()
+    assert mesh.received("b")[2] == b"after"
+    # send() waited for the buffer to drain instead of queueing 5 MB at once.
+    assert 0 < peak <= HIGH_WATER + MAX_CHUNK
+
+
+async def test_messages_arrive_in_call_order_mixing_sizes(mesh: Mesh) -> None:
+    a, _ = mesh.add("a"), mesh.add("b")
+    await a.send("b", b"warm-up")
+    # Small messages take a lock-free fast path; they must not overtake big ones.
+    messages = [i.to_bytes(4, "big") * (30_000 if i % 7 == 3 else 10) for i in range(120)]
+    await asyncio.gather(*(a.send("b", m) for m in messages))
+    await until(lambda: len(mesh.inbox["b"]) == len(messages) + 1, timeout=30)
+    assert mesh.received("b")[1:] == messages
+
+
+async def test_concurrent_first_sends_share_one_connection(mesh: Mesh) -> None:
+    a, b = mesh.add("a"), mesh.add("b")
+    await asyncio.gather(*(a.send("b", b"%d" % i) for i in range(10)))
+    await until(lambda: len(mesh.inbox["b"]) == 10)
+    assert mesh.received("b") == [b"%d" % i for i in range(10)]
+    assert mesh.offers == {("a", "b"): 1}
+    assert len(a.links()) == len(b.links()) == 1
+
+
+async def test_glare_both_sides_connect_at_once(mesh: Mesh) -> None:
+    a, b = mesh.add("a"), mesh.add("b")
+    await asyncio.gather(a.send("b", b"from a"), b.send("a", b"from b"))
+    for i in range(5):
+        await asyncio.gather(a.send("b", b"a%d" % i), b.send("a", b"b%d" % i))
+    await until(lambda: len(mesh.inbox["a"]) == 6 and len(mesh.inbox["b"]) == 6)
+    assert mesh.received("b") == [b"from a"] + [b"a%d" % i for i in range(5)]
+    assert mesh.received("a") == [b"from b"] + [b"b%d" % i for i in range(5)]
+    assert 1 <= len(a.links()) <= 2 and 1 <= len(b.links()) <= 2
+
+
+async def test_three_peers_pass_messages_round_a_ring(mesh: Mesh) -> None:
+    names = ["a", "b", "c"]
+    managers: dict[str, PeerManager] = {}
+    done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def forwarder(me: str) -> OnMessage:
+        nxt = names[(names.index(me) + 1) % 3]
+
+        async def on_message(peer_id: str, data: bytes) -> None:
+            if me == "a":
+                done.set_result(data)
+            else:
+                await managers[me].send(nxt, data + me.encode())
+
+        return on_message
+
+    for name in names:
+        managers[name] = mesh.add(name, on_message=forwarder(name))
+    await managers["a"].send("b", b"a")
+    assert await asyncio.wait_for(done, 10) == b"abc"
+    assert {info.peer_id for info in managers["b"].links()} == {"a", "c"}
+
+
+async def test_send_to_a_peer_that_never_answers_times_out(mesh: Mesh) -> None:
+    a = mesh.add("a", connect_timeout=0.5)
+    for _ in range(2):  # a failed attempt is forgotten: the next send tries again
+        start = time.monotonic()
+        with pytest.raises(PeerError, match="ghost"):
+            await a.send("ghost", b"hello?")
+        assert time.monotonic() - start < 3
+    assert mesh.offers == {("a", "ghost"): 2}
+    await until(lambda: not a.links())
+    assert not a.is_connected("ghost")
+
+
+async def test_malformed_chunks_and_failing_handlers_are_survived(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    a = mesh.add("a")
+    got: list[bytes] = []
+
+    async def picky(peer_id: str, data: bytes) -> None:
+        if data == b"boom":
+            raise RuntimeError("handler bug")
+        got.append(data)
+
+    b = mesh.add("b", on_message=picky)
+    await a.send("b", b"first")
+    channel = a._send_links["b"].channel
+    assert channel is not None
+    with caplog.at_level(logging.WARNING, logger="engine.transport.peer"):
+        channel.send(b"\x00garbage")  # bad magic
+        channel.send(list(iter_chunks(os.urandom(200_000), 77))[1])  # a tail with no head
+        channel.send("text")  # wrong payload type
+        channel.send(next(iter_chunks(os.urandom(200_000), 78)))  # a head with no tail...
+        await a.send("b", b"boom")
+        await a.send("b", os.urandom(150_000))  # ...does not stop other messages
+        await a.send("b", b"last")
+        await until(lambda: len(got) == 3)
+    assert got[0] == b"first" and len(got[1]) == 150_000 and got[2] == b"last"
+    (info,) = b.links()
+    assert info.bad_chunks == 3 and info.state == "open"
+    assert "bad chunk" in caplog.text and "handler bug" in caplog.text
+
+
+async def test_cancelled_big_send_leaves_no_partial_message(mesh: Mesh) -> None:
+    a, b = mesh.add("a"), mesh.add("b")
+    await a.send("b", b"warm-up")
+    task = asyncio.create_task(a.send("b", os.urandom(8_000_000)))
+    await until(lambda: a._send_links["b"].channel.bufferedAmount > HIGH_WATER)  # type: ignore[union-attr]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await a.send("b", b"next")
+    await until(lambda: len(mesh.inbox["b"]) == 2, timeout=30)
+    assert mesh.received("b") == [b"warm-up", b"next"]
+    link_b = next(iter(b._links.values()))
+    assert link_b.reassembler.partials == 0 and link_b.bad_chunks == 0
+
+
+async def test_closed_link_is_dropped_and_the_next_send_reconnects(mesh: Mesh) -> None:
+    a, b = mesh.add("a"), mesh.add("b")
+    await a.send("b", b"one")
+    await until(lambda: len(mesh.inbox["b"]) == 1)
+    old_link = a._send_links["b"]
+    await b.close_peer("a")
+    assert not b.is_connected("a") and not b.links()
+    await until(lambda: not a.is_connected("b"))  # the peer noticed the close
+    with pytest.raises(TransportError, match="closed"):
+        await old_link.send(b"lost")
+    await a.send("b", b"two")
+    await until(lambda: len(mesh.inbox["b"]) == 2)
+    assert mesh.received("b") == [b"one", b"two"]
+    assert mesh.offers == {("a", "b"): 2}
+
+
+async def test_close_peer_fails_a_pending_connect(mesh: Mesh) -> None:
+    a = mesh.add("a", connect_timeout=5)
+    task = asyncio.create_task(a.send("ghost", b"x"))
+    await until(lambda: bool(a.links()))
+    await a.close_peer("ghost", "peer is not on the coordinator")
+    with pytest.raises(TransportError, match=r"ghost.*not on the coordinator"):
+        await task
+
+
+async def test_bad_signals_raise_protocol_error(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    a = mesh.add("a")
+    for bad in ({}, {"type": "offer", "link": "x"}, {"type": "nope", "link": "x", "sdp": ""}, [1]):
+        with pytest.raises(ProtocolError):
+            await a.handle_signal("b", bad)  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match="no data channel"):
+        await a.handle_signal("b", {"type": "offer", "link": "x", "sdp": "v=0\r\nnonsense"})
+    with caplog.at_level(logging.WARNING, logger="engine.transport.peer"):
+        await a.handle_signal("b", {"type": "offer", "link": "y", "sdp": "v=0\r\nm=application nonsense"})
+        await until(lambda: "bad offer" in caplog.text)
+    await a.handle_signal("b", {"type": "answer", "link": "unknown", "sdp": "v=0"})  # stray: ignored
+    await until(lambda: not a.links())
+    offer = {"type": "offer", "sdp": "v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel"}
+    for i in range(4):  # well-formed enough to be held until they fail
+        await a.handle_signal("flood", {**offer, "link": f"f{i}"})
+    with pytest.raises(ProtocolError, match="more than 4 links"):
+        await a.handle_signal("flood", {**offer, "link": "f4"})
+    await until(lambda: not a.links())
+
+
+async def test_oversize_message_is_refused_before_sending(mesh: Mesh) -> None:
+    a = mesh.add("a", max_message_bytes=1000)
+    with pytest.raises(ProtocolError, match="limit"):
+        await a.send("b", b"x" * 1001)
+    assert not mesh.offers
+
+
+async def test_shutdown_is_idempotent_and_leaves_no_task(mesh: Mesh) -> None:
+    a, b = mesh.add("a"), mesh.add("b")
+    await a.send("b", b"x")
+    pending = asyncio.create_task(a.send("ghost", b"y"))  # a connect in flight
+    await until(lambda: len(a.links()) == 2)
+    await asyncio.gather(a.shutdown(), a.shutdown())
+    await a.shutdown()
+    with pytest.raises((TransportError, asyncio.CancelledError)):
+        await pending
+    with pytest.raises(TransportError, match="shut down"):
+        await a.send("b", b"z")
+    await b.shutdown()
+    assert not a.links() and not b.links() and not a._tasks and not b._tasks
+    me = asyncio.current_task()
+    await until(lambda: not [t for t in asyncio.all_tasks() if t is not me], timeout=5)
+    await a.handle_signal("b", {"type": "offer", "link": "late", "sdp": "v=0"})  # ignored
+
+
+def test_ice_servers_are_explicit() -> None:
+    # aiortc's default configuration would reach out to a public STUN server.
+    async def nothing(*_: Any) -> None:
+        return None
+
+    assert PeerManager("a", nothing, nothing)._ice_servers == []
+    with pytest.raises(ValueError):
+        PeerManager("a", nothing, nothing, connect_timeout=0)
+
+
+@pytest.mark.slow
+async def test_two_processes_exchange_messages() -> None:
+    replies: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_message(peer_id: str, data: bytes) -> None:
+        assert peer_id == ECHO_ID
+        replies.put_nowait(data)
+
+    async with EchoProcess(on_message, connect_timeout=20) as echo:
+        small = ECHO + os.urandom(2303)
+        await echo.manager.send(ECHO_ID, small)
+        assert await asyncio.wait_for(replies.get(), 20) == small
+        big = os.urandom(1_000_000)
+        await echo.manager.send(ECHO_ID, HASH + big)
+        assert await asyncio.wait_for(replies.get(), 20) == HASH + hashlib.sha256(big).digest()
+        assert echo.manager.links()[0].outgoing
+    assert echo.proc is not None and echo.proc.returncode == 0
+
+
+def test_encode_whole_matches_the_fast_path() -> None:
+    # The manager's fast path frames exactly like the splitter (3-byte header).
+    assert encode_whole(b"abc") == b"K\x01\x00abc"
