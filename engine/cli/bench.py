@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import platformdirs
+from engine import paths
 
 BENCH_PROMPT = "The history of the city of Paris began"
 
@@ -97,7 +97,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
     hf_rates = [_transformers_rate(folder, prompt_ids, args.tokens) for _ in range(args.repeats)]
 
     log(f"starting a coordinator and {args.nodes} nodes ...")
-    cluster = LocalCluster(default_pack(args.nodes), args.nodes, cache_dir=Path(platformdirs.user_cache_dir("kluster")))
+    cluster = LocalCluster(default_pack(args.nodes), args.nodes, cache_dir=paths.cache_dir())
     try:
         url = cluster.start()
 

@@ -12,11 +12,9 @@ import asyncio
 import json
 import shutil
 import sys
-from pathlib import Path
 from typing import Any
 
-import platformdirs
-
+from engine import paths
 from engine.errors import ConfigError
 
 DEFAULT_PROMPT = "What is the capital of France?"
@@ -47,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     say(f"kluster demo: packing {DEFAULT_MODEL_ID} into {args.nodes} fragments")
     pack = default_pack(args.nodes)
-    cluster = LocalCluster(pack, args.nodes, cache_dir=Path(platformdirs.user_cache_dir("kluster")))
+    cluster = LocalCluster(pack, args.nodes, cache_dir=paths.cache_dir())
     ok = False
     try:
         url = cluster.start()

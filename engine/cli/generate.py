@@ -6,11 +6,9 @@ import argparse
 import asyncio
 import json
 import sys
-from pathlib import Path
 from typing import Any, TextIO
 
-import platformdirs
-
+from engine import paths
 from engine.client.generation import GenerationRequest, Pipeline, generate_events
 from engine.errors import ConfigError
 from engine.models.sampling import SamplingParams
@@ -107,7 +105,7 @@ async def run_remote(args: argparse.Namespace, coordinator: str, *, out: TextIO 
     pipeline = RemotePipeline(coordinator, args.model)
     try:
         await pipeline.start()
-        folder = await pipeline.fetch_tokenizer(Path(platformdirs.user_cache_dir("kluster")))
+        folder = await pipeline.fetch_tokenizer(paths.cache_dir())
         tokenizer = ModelTokenizer(folder)
         request = request_from_args(args, tokenizer)
         route = pipeline.route_event()

@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import platformdirs
-
+from engine import paths
 from engine.errors import ConfigError
 
 DEFAULT_PORT = 8765
@@ -58,7 +57,7 @@ def default_pack(fragments: int = 3) -> Path:
     from engine.models.default_model import DEFAULT_MODEL_ID, ensure_default_model
 
     folder = ensure_default_model()
-    out = Path(platformdirs.user_data_dir("kluster")) / "packs" / f"{DEFAULT_MODEL_ID}-{fragments}"
+    out = paths.data_dir() / "packs" / f"{DEFAULT_MODEL_ID}-{fragments}"
     if not (out / PACK_INDEX).is_file():
         pack_model(folder, out, fragments, model_id=DEFAULT_MODEL_ID)
     return out
@@ -70,7 +69,9 @@ def run_coordinator(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be 0-65535, got {args.port}")
     packs = tuple(args.pack) or (default_pack(),)
-    db = args.db or str(Path(platformdirs.user_data_dir("kluster", ensure_exists=True)) / "coordinator.sqlite3")
+    if args.db is None:
+        paths.data_dir().mkdir(parents=True, exist_ok=True)
+    db = args.db or str(paths.data_dir() / "coordinator.sqlite3")
     coordinator = Coordinator(CoordinatorConfig(host=args.host, port=args.port, db_path=db, packs=packs))
 
     async def main() -> None:
@@ -94,7 +95,7 @@ def run_node(args: argparse.Namespace) -> int:
 
     if args.kv_budget_mb <= 0:
         raise ConfigError("--kv-budget-mb must be positive")
-    cache = args.cache_dir or Path(platformdirs.user_cache_dir("kluster"))
+    cache = args.cache_dir or paths.cache_dir()
     node = Node(NodeConfig(args.coordinator, args.name, cache, args.kv_budget_mb, args.threads, args.device))
 
     async def main() -> None:

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from engine import paths
 from engine.errors import ModelNotFoundError
 from engine.models.gguf_convert import convert_gguf_to_hf
 
@@ -45,7 +46,7 @@ MARKER_NAME = ".kluster-source.json"
 #: Bump when the converter's output changes, so existing folders are rebuilt once.
 CONVERTER_VERSION = 1
 
-DATA_DIR_ENV = "KLUSTER_DATA_DIR"
+DATA_DIR_ENV = paths.DATA_DIR_ENV
 
 
 def default_gguf_path() -> Path:
@@ -71,12 +72,7 @@ def default_gguf_path() -> Path:
 
 def default_data_dir() -> Path:
     """Kluster's data directory: ``$KLUSTER_DATA_DIR`` if set, else the platform's user data dir."""
-    override = os.environ.get(DATA_DIR_ENV)
-    if override:
-        return Path(override).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("kluster"))
+    return paths.data_dir()
 
 
 def ensure_default_model(data_dir: Path | None = None, *, progress: bool = True) -> Path:

@@ -1,15 +1,23 @@
 """Peer-to-peer message links over WebRTC data channels (aiortc).
 
 Files and their roles:
-  chunking.py  pure framing: whole messages <-> <= 64 KiB data-channel chunks (3-byte header for a
-               one-chunk message, 23 bytes per chunk otherwise), and a bounded Reassembler that
-               rejects malformed chunks with ProtocolError
-  peer.py      PeerManager: opens/reuses one RTCPeerConnection per peer via offer/answer relayed by
-               the owner's signaling, sends with back-pressure, delivers whole messages in order,
-               survives bad chunks and broken links
-  measure.py   ``python -m engine.transport.measure``: RTT and throughput between two processes on
-               loopback; also the echo peer the cross-process test talks to
+  chunking.py   pure framing: whole messages <-> <= 64 KiB data-channel chunks (3-byte header for a
+                one-chunk message, 23 bytes per chunk otherwise) and a bounded Reassembler that
+                rejects malformed chunks with ProtocolError; no I/O, no aiortc
+  peer.py       PeerManager: opens/reuses one RTCPeerConnection per peer through offer/answer relayed
+                by the owner's signaling, sends with back-pressure, delivers whole messages in order,
+                survives bad chunks, failing handlers and broken links
+  signaling.py  the coordinator WebSocket client whose relayed signals feed PeerManager.handle_signal
+  measure.py    ``python -m engine.transport.measure``: RTT and throughput between two processes on
+                loopback; also the echo peer the cross-process test talks to
+
+``PeerManager`` and ``LinkInfo`` are imported lazily so that code needing only the framing does
+not pay for importing aiortc.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from engine.transport.chunking import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -18,7 +26,9 @@ from engine.transport.chunking import (
     Reassembler,
     iter_chunks,
 )
-from engine.transport.peer import CHANNEL_LABEL, LinkInfo, PeerManager
+
+if TYPE_CHECKING:
+    from engine.transport.peer import CHANNEL_LABEL, LinkInfo, PeerManager
 
 __all__ = [
     "CHANNEL_LABEL",
@@ -30,3 +40,13 @@ __all__ = [
     "Reassembler",
     "iter_chunks",
 ]
+
+_LAZY = {"CHANNEL_LABEL", "LinkInfo", "PeerManager"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from engine.transport import peer
+
+        return getattr(peer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

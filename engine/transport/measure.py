@@ -160,7 +160,7 @@ async def _measure(pings: int, bulk: int, size: int) -> None:
         t0 = time.perf_counter()
         await send(ECHO_ID, ECHO)
         await replies.get()
-        print(f"link setup + first round trip: {(time.perf_counter() - t0) * 1e3:.1f} ms")
+        print(f"first round trip (child start-up, link setup): {(time.perf_counter() - t0) * 1e3:.1f} ms")
 
         token = ECHO + os.urandom(size - 1)
         for _ in range(50):  # warm-up

@@ -1,0 +1,32 @@
+"""Fixtures that start real coordinator and node processes on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.launcher import LocalCluster
+
+
+def start_cluster(pack: Path, root: Path, nodes: int) -> LocalCluster:
+    cluster = LocalCluster(pack, nodes, cache_dir=root / "node-cache", log_dir=root / "logs")
+    cluster.start()
+    try:
+        asyncio.run(cluster.wait_for_route("smollm2-135m", timeout_s=180))
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def cluster3(smollm2_pack3: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A coordinator and 3 node processes serving the default model, shared by a test module."""
+    cluster = start_cluster(smollm2_pack3, tmp_path_factory.mktemp("cluster3"), 3)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
