@@ -57,6 +57,7 @@ class FragmentExecutor:
         self.model = model
         self.config = config or ExecutorConfig()
         self._sessions: dict[str, _Session] = {}
+        self._device = next(model.parameters()).device
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fragment")
 
     @property
@@ -85,8 +86,8 @@ class FragmentExecutor:
         self._expire_idle()
         if self.reserved_bytes + need > self.config.kv_budget_bytes:
             raise CapacityError(
-                f"node is full: {self.sessions} sessions hold {self.reserved_bytes >> 20} MiB of its "
-                f"{self.config.kv_budget_bytes >> 20} MiB KV budget; this session needs {need >> 20} MiB more"
+                f"node is full: {self.sessions} sessions hold {self.reserved_bytes / 2**20:.1f} MiB of its "
+                f"{self.config.kv_budget_bytes / 2**20:.1f} MiB KV budget; this session needs {need / 2**20:.1f} MiB"
             )
         state = _Session(self.model.new_cache(max_tokens), need)
         self._sessions[session] = state
@@ -123,16 +124,17 @@ class FragmentExecutor:
         self, session: str, pos: int, tensor: torch.Tensor, max_tokens: int, sampling: SamplingParams | None = None
     ) -> StepOutput:
         """Run positions ``pos..pos+T`` of ``session``; a new session must start at position 0."""
-        x = self.check_input(tensor)
+        x = self.check_input(tensor).to(self._device)
         state = self._sessions.get(session)
+        limit = max_tokens if state is None else state.cache.max_tokens
+        if pos + x.shape[1] > limit:
+            raise SessionError(f"session {session} exceeds its declared {limit} tokens")
         if state is None:
             if pos != 0:
                 raise SessionError(f"unknown session {session} (expired, or this node restarted)")
             state = self._open(session, max_tokens)
         if pos != state.cache.length:
             raise SessionError(f"session {session}: got position {pos}, expected {state.cache.length}")
-        if pos + x.shape[1] > state.cache.max_tokens:
-            raise SessionError(f"session {session} exceeds its declared {state.cache.max_tokens} tokens")
         state.last_used = time.monotonic()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self._compute, state, x, pos, sampling, time.perf_counter())

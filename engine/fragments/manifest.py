@@ -62,6 +62,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {value!r}")
+    return value
+
+
 def parse_manifest(raw: Any) -> Manifest:
     """Strictly validate a manifest dictionary (also what the coordinator sends to nodes)."""
     if not isinstance(raw, dict):
@@ -75,14 +81,14 @@ def parse_manifest(raw: Any) -> Manifest:
             count=int(raw["count"]),
             start=int(raw["start"]),
             end=int(raw["end"]),
-            embed=bool(raw["embed"]),
-            head=bool(raw["head"]),
+            embed=_flag(raw["embed"]),
+            head=_flag(raw["head"]),
             dtype=str(raw["dtype"]),
             bytes=int(raw["bytes"]),
             flops_per_token=int(raw["flops_per_token"]),
             files=files,
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise FragmentError(f"manifest is malformed: {exc!r}") from None
     if m.format != FORMAT_VERSION:
         raise FragmentError(f"fragment format {m.format} not supported (expected {FORMAT_VERSION})")

@@ -67,11 +67,26 @@ class ModelConfig:
         return d
 
 
-def _int(raw: dict[str, Any], key: str) -> int:
+def _int(raw: dict[str, Any], key: str, default: int | None = None) -> int:
     value = raw.get(key)
+    if value is None and default is not None:
+        return default
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ModelFormatError(f"config.json: '{key}' must be a positive integer, got {value!r}")
     return value
+
+
+def _float(raw: dict[str, Any], key: str, default: float) -> float:
+    value = raw.get(key, default)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < float("inf"):
+        raise ModelFormatError(f"config.json: '{key}' must be a positive number, got {value!r}")
+    return float(value)
+
+
+_ROPE_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 def _eos_ids(value: Any) -> tuple[int, ...]:
@@ -87,16 +102,21 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
 def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     params = raw.get("rope_parameters")
     if isinstance(params, dict):
-        theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+        theta = _float({**raw, **params}, "rope_theta", 10000.0)
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     else:
-        theta = float(raw.get("rope_theta", 10000.0))
-        scaling = dict(raw.get("rope_scaling") or {})
+        theta = _float(raw, "rope_theta", 10000.0)
+        given = raw.get("rope_scaling") or {}
+        if not isinstance(given, dict):
+            raise ModelFormatError(f"config.json: 'rope_scaling' must be an object, got {given!r}")
+        scaling = dict(given)
     if "type" in scaling and "rope_type" not in scaling:
         scaling["rope_type"] = scaling.pop("type")
     rope_type = scaling.get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ModelFormatError(f"unsupported rope scaling '{rope_type}' (supported: {SUPPORTED_ROPE_TYPES})")
+    for key in _ROPE_KEYS.get(rope_type, ()):
+        _float(scaling, key, float("nan"))  # required and a positive number
     return theta, ({} if rope_type == "default" else scaling)
 
 
@@ -110,10 +130,10 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         raise ModelFormatError(f"unsupported hidden_act {act!r} (only silu)")
     heads = _int(raw, "num_attention_heads")
     hidden = _int(raw, "hidden_size")
-    kv_heads = raw.get("num_key_value_heads") or heads
+    kv_heads = _int(raw, "num_key_value_heads", heads)
     if heads % kv_heads:
         raise ModelFormatError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-    head_dim = raw.get("head_dim") or hidden // heads
+    head_dim = _int(raw, "head_dim", hidden // heads)
     theta, scaling = _rope(raw)
     attention_bias = bool(raw.get("attention_bias", False))
     window = raw.get("sliding_window")
@@ -126,12 +146,12 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         intermediate_size=_int(raw, "intermediate_size"),
         num_hidden_layers=_int(raw, "num_hidden_layers"),
         num_attention_heads=heads,
-        num_key_value_heads=int(kv_heads),
-        head_dim=int(head_dim),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=_float(raw, "rms_norm_eps", 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+        max_position_embeddings=_int(raw, "max_position_embeddings", 2048),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or attention_bias,
         o_bias=model_type != "qwen2" and attention_bias,

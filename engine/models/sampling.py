@@ -40,7 +40,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
     """Pick the token for ``position`` from a 1-D logits vector."""
     if params.temperature == 0.0:
         return int(torch.argmax(logits).item())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    # On the CPU: the seeded generator is a CPU one, and this keeps draws identical across devices.
+    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_p, 0) - sorted_p < params.top_p

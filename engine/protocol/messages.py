@@ -226,7 +226,7 @@ def _tensor(desc: Any, payload: memoryview, max_elements: int) -> torch.Tensor:
         raise _fail(f"tensor rank must be 1-{MAX_RANK}")
     dims = [_int(d, "shape", 0, max_elements) for d in shape]
     numel = math.prod(dims)
-    if numel > max_elements:
+    if numel > max_elements or math.prod(max(d, 1) for d in dims) > max_elements:
         raise _fail(f"tensor of {numel} elements exceeds the limit of {max_elements}")
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(payload) != numel * itemsize:
@@ -253,7 +253,7 @@ def decode(data: bytes | bytearray | memoryview, *, max_elements: int = MAX_TENS
         raise _fail("header length out of range")
     try:
         header = json.loads(bytes(view[_PREFIX.size : _PREFIX.size + head_len]))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise _fail("header is not valid JSON") from None
     if not isinstance(header, dict):
         raise _fail("header is not an object")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,3 +30,20 @@ def cluster3(smollm2_pack3: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def cluster_factory(smollm2_pack3: Path, tmp_path: Path) -> Iterator[Callable[[int], LocalCluster]]:
+    """Start private clusters (for tests that kill nodes); all are stopped at teardown."""
+    started: list[LocalCluster] = []
+
+    def make(nodes: int = 3) -> LocalCluster:
+        cluster = start_cluster(smollm2_pack3, tmp_path / f"cluster{len(started)}", nodes)
+        started.append(cluster)
+        return cluster
+
+    try:
+        yield make
+    finally:
+        for cluster in started:
+            cluster.stop()

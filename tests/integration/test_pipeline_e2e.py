@@ -116,4 +116,3 @@ def test_chat_answer_through_route_mentions_paris(cluster3: LocalCluster, smollm
     ids = asyncio.run(run())
     assert "Paris" in tokenizer.decode(ids)
     assert ids[-1] in tokenizer.stop_ids
-
