@@ -9,14 +9,13 @@ targets instead, everything in one process run so the ratios compare like with l
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from engine import paths
+from engine import aio, paths
 
 BENCH_PROMPT = "The history of the city of Paris began"
 
@@ -33,8 +32,8 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=run_pipeline)
 
 
-async def _decode_rate(pipeline: Any, prompt_ids: list[int], tokens: int) -> float:
-    """Decode tokens/s of one greedy generation of exactly ``tokens`` tokens after the prefill."""
+async def _decode_stats(pipeline: Any, prompt_ids: list[int], tokens: int) -> dict[str, Any]:
+    """Stats of one greedy generation of exactly ``tokens`` decode tokens after the prefill."""
     from engine.client.generation import GenerationRequest, generate_events
     from engine.models.sampling import SamplingParams
 
@@ -47,7 +46,7 @@ async def _decode_rate(pipeline: Any, prompt_ids: list[int], tokens: int) -> flo
     async for ev in generate_events(pipeline, _NoText(), request):  # type: ignore[arg-type]
         if ev["event"] == "done":
             done = ev
-    return float(done["stats"]["decode_tok_s"])
+    return dict(done["stats"])
 
 
 def _transformers_rate(folder: Path, prompt_ids: list[int], tokens: int) -> float | None:
@@ -75,50 +74,55 @@ def run_pipeline(args: argparse.Namespace) -> int:
     from engine.cli.servers import default_pack
     from engine.client.local import LocalPipeline
     from engine.client.remote import RemotePipeline
+    from engine.fragments import torch_thread
     from engine.launcher import LocalCluster
     from engine.models.default_model import DEFAULT_MODEL_ID, ensure_default_model
     from engine.models.loading import load_model
     from engine.models.tokenizer import ModelTokenizer
 
     if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
+        torch_thread.call(torch.set_num_threads, args.threads)
+    threads = torch_thread.call(torch.get_num_threads)
     folder = ensure_default_model()
     prompt_ids = ModelTokenizer(folder).encode(BENCH_PROMPT)
     log = (lambda *_: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
 
     log("measuring our local engine ...")
-    local = LocalPipeline(load_model(folder))
-    local_rates = [asyncio.run(_decode_rate(local, prompt_ids, args.tokens)) for _ in range(args.repeats)]
-    asyncio.run(local.shutdown())
+    local = LocalPipeline(torch_thread.call(load_model, folder))
+    local_rates = [
+        float(aio.run(_decode_stats(local, prompt_ids, args.tokens))["decode_tok_s"]) for _ in range(args.repeats)
+    ]
+    aio.run(local.shutdown())
     del local
 
     log("measuring transformers generate ...")
-    hf_rates = [_transformers_rate(folder, prompt_ids, args.tokens) for _ in range(args.repeats)]
+    hf_rates = [torch_thread.call(_transformers_rate, folder, prompt_ids, args.tokens) for _ in range(args.repeats)]
 
     log(f"starting a coordinator and {args.nodes} nodes ...")
     cluster = LocalCluster(default_pack(args.nodes), args.nodes, cache_dir=paths.cache_dir())
     try:
         url = cluster.start()
 
-        async def distributed() -> list[float]:
+        async def distributed() -> list[dict[str, Any]]:
             await cluster.wait_for_route(DEFAULT_MODEL_ID)
             remote = RemotePipeline(url, DEFAULT_MODEL_ID)
             try:
                 await remote.start()
-                await _decode_rate(remote, prompt_ids, 4)  # warm-up: opens the WebRTC links
-                return [await _decode_rate(remote, prompt_ids, args.tokens) for _ in range(args.repeats)]
+                await _decode_stats(remote, prompt_ids, 4)  # warm-up: opens the WebRTC links
+                return [await _decode_stats(remote, prompt_ids, args.tokens) for _ in range(args.repeats)]
             finally:
                 await remote.shutdown()
 
         log("measuring the distributed route ...")
-        dist_rates = asyncio.run(distributed())
+        dist_runs = aio.run(distributed())
     finally:
         cluster.stop()
 
     local_best = max(local_rates)
     hf_best = max((r for r in hf_rates if r is not None), default=None)
-    dist_best = max(dist_rates)
+    best_run = max(dist_runs, key=lambda r: float(r["decode_tok_s"]))
+    dist_best = float(best_run["decode_tok_s"])
+    hops = [{"compute_ms": h["compute_ms"], "queue_ms": h["queue_ms"]} for h in best_run["hops"]]
     result = {
         "tokens": args.tokens,
         "threads": threads,
@@ -128,6 +132,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
         "distributed_tok_s": round(dist_best, 2),
         "local_vs_transformers": round(local_best / hf_best, 3) if hf_best else None,
         "distributed_vs_local": round(dist_best / local_best, 3),
+        "distributed_hops": hops,
+        "distributed_network_ms_per_token": best_run["network_ms_per_token"],
         "targets": {"local_vs_transformers": 1.0, "distributed_vs_local": 0.85},
     }
     if args.json:

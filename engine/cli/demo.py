@@ -8,13 +8,12 @@ process on exit or Ctrl-C. ``--serve`` keeps the grid up for other tools instead
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import shutil
 import sys
 from typing import Any
 
-from engine import paths
+from engine import aio, paths
 from engine.errors import ConfigError
 
 DEFAULT_PROMPT = "What is the capital of France?"
@@ -50,16 +49,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         url = cluster.start()
         say(f"coordinator at {url}; waiting for {args.nodes} nodes to fetch and load their fragments")
-        asyncio.run(cluster.wait_for_route(DEFAULT_MODEL_ID))
+        aio.run(cluster.wait_for_route(DEFAULT_MODEL_ID))
         if args.serve:
             if args.json:
                 print(json.dumps({"event": "serving", "coordinator": url, "nodes": args.nodes}), flush=True)
             else:
                 print(f"serving: coordinator {url} with {args.nodes} nodes (Ctrl-C to stop)", flush=True)
-            asyncio.run(_until_signalled())
+            aio.run(_until_signalled())
         else:
             say(f"Q: {args.prompt}")
-            asyncio.run(run_remote(args, url))
+            aio.run(run_remote(args, url))
             if not args.json:
                 print(flush=True)
         ok = True

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from typing import Any, TextIO
 
-from engine import paths
+from engine import aio, paths
 from engine.client.generation import GenerationRequest, Pipeline, generate_events
 from engine.errors import ConfigError
 from engine.models.sampling import SamplingParams
@@ -121,15 +120,16 @@ async def run_local(args: argparse.Namespace, *, out: TextIO = sys.stdout) -> di
     import torch
 
     from engine.client.local import LocalPipeline
+    from engine.fragments import torch_thread
     from engine.models.loading import load_model
     from engine.models.resolve import resolve_model
 
     if args.threads:
-        torch.set_num_threads(args.threads)
+        await torch_thread.run(torch.set_num_threads, args.threads)
     _, folder = resolve_model(args.model)
     tokenizer = ModelTokenizer(folder)
     request = request_from_args(args, tokenizer)
-    pipeline = LocalPipeline(await asyncio.to_thread(load_model, folder))
+    pipeline = LocalPipeline(await torch_thread.run(load_model, folder))
     try:
         return await stream(pipeline, tokenizer, request, as_json=args.json, out=out)
     finally:
@@ -138,7 +138,7 @@ async def run_local(args: argparse.Namespace, *, out: TextIO = sys.stdout) -> di
 
 def run(args: argparse.Namespace) -> int:
     if args.local:
-        asyncio.run(run_local(args))
+        aio.run(run_local(args))
     else:
-        asyncio.run(run_remote(args, args.coordinator))
+        aio.run(run_remote(args, args.coordinator))
     return 0

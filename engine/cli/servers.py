@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engine import paths
+from engine import aio, paths
 from engine.errors import ConfigError
 
 DEFAULT_PORT = 8765
@@ -86,7 +86,7 @@ def run_coordinator(args: argparse.Namespace) -> int:
         finally:
             await coordinator.shutdown()
 
-    asyncio.run(main())
+    aio.run(main())
     return 0
 
 
@@ -113,5 +113,5 @@ def run_node(args: argparse.Namespace) -> int:
                 with contextlib.suppress(asyncio.CancelledError):
                     await serve
 
-    asyncio.run(main())
+    aio.run(main())
     return 0

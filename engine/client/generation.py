@@ -30,7 +30,13 @@ class Pipeline(Protocol):
     """Something that can run a session's steps and sample the next token."""
 
     async def step(
-        self, session: str, pos: int, tokens: list[int], max_tokens: int, sampling: SamplingParams
+        self,
+        session: str,
+        pos: int,
+        tokens: list[int],
+        max_tokens: int,
+        sampling: SamplingParams,
+        stop_ids: frozenset[int] = frozenset(),
     ) -> StepResult: ...
 
     async def close_session(self, session: str) -> None: ...
@@ -76,7 +82,7 @@ async def generate_events(
     try:
         pos, feed = 0, ids
         for index in range(request.max_new_tokens):
-            result = await pipeline.step(session, pos, feed, max_tokens, request.sampling)
+            result = await pipeline.step(session, pos, feed, max_tokens, request.sampling, request.stop_ids)
             pos += len(feed)
             if index == 0:
                 prefill_ms = result.wall_ms

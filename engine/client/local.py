@@ -26,7 +26,13 @@ class LocalPipeline:
         self.executor = FragmentExecutor(model, config)
 
     async def step(
-        self, session: str, pos: int, tokens: list[int], max_tokens: int, sampling: SamplingParams
+        self,
+        session: str,
+        pos: int,
+        tokens: list[int],
+        max_tokens: int,
+        sampling: SamplingParams,
+        stop_ids: frozenset[int] = frozenset(),
     ) -> StepResult:
         t0 = time.perf_counter()
         out = await self.executor.step(session, pos, torch.tensor(tokens, dtype=torch.int64), max_tokens, sampling)

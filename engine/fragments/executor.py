@@ -1,21 +1,20 @@
 """Runs one loaded fragment for many sessions: per-session KV caches, bounded memory, off the loop.
 
-Why a single worker thread: torch already uses every core for one matmul, and running two
-sessions' steps at once would only make both slower and their timings meaningless. The asyncio
-loop stays free to move other sessions' bytes while a step computes.
+Steps run one at a time on the process's torch thread (see ``torch_thread``): torch already uses
+every core for one matmul, and running two sessions' steps at once would only make both slower
+and their timings meaningless. The asyncio loop stays free to move other sessions' bytes.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from engine.errors import CapacityError, ProtocolError, SessionError
+from engine.fragments import torch_thread
 from engine.models.kv_cache import KVCache
 from engine.models.llama import FragmentModel
 from engine.models.sampling import SamplingParams, sample
@@ -58,7 +57,6 @@ class FragmentExecutor:
         self.config = config or ExecutorConfig()
         self._sessions: dict[str, _Session] = {}
         self._device = next(model.parameters()).device
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fragment")
 
     @property
     def sessions(self) -> int:
@@ -108,22 +106,21 @@ class FragmentExecutor:
             raise ProtocolError("empty hidden-state tensor")
         return tensor.unsqueeze(0)
 
-    def _compute(
-        self, state: _Session, x: torch.Tensor, pos: int, sampling: SamplingParams | None, queued: float
+    def step_sync(
+        self,
+        session: str,
+        pos: int,
+        tensor: torch.Tensor,
+        max_tokens: int,
+        sampling: SamplingParams | None = None,
+        queued: float | None = None,
     ) -> StepOutput:
-        t0 = time.perf_counter()
-        out = self.model(x, pos, state.cache)
-        token = None
-        hidden: torch.Tensor | None = out[0]
-        if self.model.has_head:
-            token = sample(out[0, -1], sampling or SamplingParams(), pos + x.shape[1])
-            hidden = None
-        return StepOutput(hidden, token, (t0 - queued) * 1000, (time.perf_counter() - t0) * 1000)
+        """Run positions ``pos..pos+T`` of ``session``; a new session must start at position 0.
 
-    async def step(
-        self, session: str, pos: int, tensor: torch.Tensor, max_tokens: int, sampling: SamplingParams | None = None
-    ) -> StepOutput:
-        """Run positions ``pos..pos+T`` of ``session``; a new session must start at position 0."""
+        Must run on the torch thread (``step`` takes it there); ``queued`` is the
+        ``time.perf_counter()`` at which the caller handed the work over, for the queue timing.
+        """
+        t0 = time.perf_counter()
         x = self.check_input(tensor).to(self._device)
         state = self._sessions.get(session)
         limit = max_tokens if state is None else state.cache.max_tokens
@@ -136,12 +133,23 @@ class FragmentExecutor:
         if pos != state.cache.length:
             raise SessionError(f"session {session}: got position {pos}, expected {state.cache.length}")
         state.last_used = time.monotonic()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._compute, state, x, pos, sampling, time.perf_counter())
+        out = self.model(x, pos, state.cache)
+        token = None
+        hidden: torch.Tensor | None = out[0]
+        if self.model.has_head:
+            token = sample(out[0, -1], sampling or SamplingParams(), pos + x.shape[1])
+            hidden = None
+        queue_ms = (t0 - queued) * 1000 if queued is not None else 0.0
+        return StepOutput(hidden, token, queue_ms, (time.perf_counter() - t0) * 1000)
+
+    async def step(
+        self, session: str, pos: int, tensor: torch.Tensor, max_tokens: int, sampling: SamplingParams | None = None
+    ) -> StepOutput:
+        """``step_sync`` on the torch thread, awaited from the event loop."""
+        return await torch_thread.run(self.step_sync, session, pos, tensor, max_tokens, sampling, time.perf_counter())
 
     def close_session(self, session: str) -> bool:
         return self._sessions.pop(session, None) is not None
 
     async def shutdown(self) -> None:
         self._sessions.clear()
-        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from typing import Any
 import aiohttp
 import torch
 
-from engine.errors import FragmentError, KlusterError, ProtocolError
+from engine.errors import FragmentError, KlusterError, PeerError, ProtocolError
+from engine.fragments import torch_thread
 from engine.fragments.executor import ExecutorConfig, FragmentExecutor
 from engine.fragments.manifest import Manifest, parse_manifest
 from engine.fragments.store import load_fragment
@@ -45,6 +47,17 @@ class NodeConfig:
     connect_timeout_s: float = 10.0
 
 
+@dataclass(frozen=True)
+class _Outgoing:
+    """A message to send; ``reply_to`` is told (with an ErrorReply) if it cannot be delivered."""
+
+    to: str
+    payload: bytes
+    reply_to: str | None = None
+    session: str | None = None
+    step: int | None = None
+
+
 class Node:
     """One supplier worker process."""
 
@@ -64,7 +77,7 @@ class Node:
     async def run(self) -> None:
         """Serve until the coordinator connection closes or ``shutdown`` is called."""
         if self.config.threads:
-            torch.set_num_threads(self.config.threads)
+            await torch_thread.run(torch.set_num_threads, self.config.threads)
         await self.signaling.connect()
         self.peers = PeerManager(
             self.peer_id,
@@ -93,7 +106,7 @@ class Node:
             base = self.signaling.coordinator + str(data.get("files_url", ""))
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600, sock_connect=10)) as http:
                 folder = await fetch_fragment(http, base, manifest, self.config.cache_dir)
-            _, model = await asyncio.to_thread(load_fragment, folder, device=self.config.device)
+            _, model = await torch_thread.run(load_fragment, folder, device=self.config.device)
             self.executor = FragmentExecutor(model, ExecutorConfig(kv_budget_bytes=self.config.kv_budget_mb << 20))
             self.manifest = manifest
             await self.signaling.send({"type": "ready", "model_id": manifest.model_id, "fragment": manifest.index})
@@ -105,35 +118,51 @@ class Node:
 
     # ------------------------------------------------------------------ serving
 
-    async def _reply_error(self, to: str, exc: KlusterError, session: str | None, step: int | None) -> None:
-        if self.peers is None:
-            return
-        reply = wire.ErrorReply(exc.code, str(exc), self.peer_id, session, step)
-        try:
-            await self.peers.send(to, wire.encode(reply))
-        except KlusterError as send_exc:
-            log.warning("could not send an error reply to %s: %s", to, send_exc)
+    def _error_to(self, to: str, exc: KlusterError, session: str | None, step: int | None) -> _Outgoing:
+        return _Outgoing(to, wire.encode(wire.ErrorReply(exc.code, str(exc), self.peer_id, session, step)))
 
     async def _on_message(self, sender: str, data: bytes) -> None:
+        """Handle one message on the torch thread, then send whatever it produced."""
+        outgoing = await torch_thread.run(self._handle, sender, data, time.perf_counter())
+        for item in outgoing:
+            await self._send(item)
+
+    async def _send(self, item: _Outgoing) -> None:
+        if self.peers is None:
+            return
+        try:
+            await self.peers.send(item.to, item.payload)
+        except KlusterError as exc:
+            log.warning("could not send to %s: %s", item.to, exc)
+            if item.reply_to is not None and item.reply_to != item.to:
+                err = PeerError(f"node {self.config.name} cannot reach the next hop {item.to}: {exc}")
+                await self._send(self._error_to(item.reply_to, err, item.session, item.step))
+
+    def _handle(self, sender: str, data: bytes, queued: float) -> list[_Outgoing]:
+        """Decode, run and encode in one go on the torch thread (see ``torch_thread`` for why)."""
         try:
             msg = wire.decode(data)
         except ProtocolError as exc:
             log.warning("malformed message from %s: %s", sender, exc)
-            await self._reply_error(sender, exc, None, None)
-            return
+            return [self._error_to(sender, exc, None, None)]
         if isinstance(msg, wire.Forward):
             try:
-                await self._forward(msg)
+                return self._forward(msg, queued)
             except KlusterError as exc:
                 log.warning("step %s of session %s failed: %s", msg.step, msg.session, exc)
-                await self._reply_error(msg.reply_to, exc, msg.session, msg.step)
-        elif isinstance(msg, wire.Close):
-            await self._close(msg)
-        else:
-            log.debug("ignoring %s from %s", type(msg).__name__, sender)
+                return [self._error_to(msg.reply_to, exc, msg.session, msg.step)]
+        if isinstance(msg, wire.Close):
+            if self.executor is not None:
+                self.executor.close_session(msg.session)
+            if msg.hop + 1 < len(msg.route):
+                nxt = wire.Close(msg.session, msg.route, msg.hop + 1)
+                return [_Outgoing(msg.route[msg.hop + 1].peer, wire.encode(nxt))]
+            return []
+        log.debug("ignoring %s from %s", type(msg).__name__, sender)
+        return []
 
-    async def _forward(self, msg: wire.Forward) -> None:
-        if self.executor is None or self.manifest is None or self.peers is None:
+    def _forward(self, msg: wire.Forward, queued: float) -> list[_Outgoing]:
+        if self.executor is None or self.manifest is None:
             raise FragmentError(f"node {self.config.name} is still loading its fragment")
         hop = msg.route[msg.hop]
         m = self.manifest
@@ -143,40 +172,48 @@ class Node:
             )
         if msg.tensor is None:
             raise ProtocolError("forward without a tensor")
-        last = msg.hop == len(msg.route) - 1
-        if last != m.head:
+        if (msg.hop == len(msg.route) - 1) != m.head:
             raise ProtocolError("route does not end at the fragment holding the LM head")
         sampling = SamplingParams(msg.sampling.temperature, msg.sampling.top_p, msg.sampling.seed)
-        out = await self.executor.step(msg.session, msg.pos, msg.tensor, msg.max_tokens, sampling)
+        out = self.executor.step_sync(msg.session, msg.pos, msg.tensor, msg.max_tokens, sampling, queued)
         timings = (*msg.timings, wire.HopTiming(self.peer_id, round(out.queue_ms, 3), round(out.compute_ms, 3)))
         if out.token_id is not None:
             pos = msg.pos + msg.tensor.shape[0]
-            token = wire.Token(msg.session, msg.step, pos, out.token_id, timings)
-            await self.peers.send(msg.reply_to, wire.encode(token))
-        else:
-            nxt = wire.Forward(
+            reply = _Outgoing(msg.reply_to, wire.encode(wire.Token(msg.session, msg.step, pos, out.token_id, timings)))
+            if msg.ring <= 0 or out.token_id in msg.stop_ids or pos + 1 > msg.max_tokens:
+                return [reply]
+            # Ring mode: feed the token straight back to the first hop, then tell the client.
+            again = wire.Forward(
                 msg.session,
-                msg.step,
-                msg.pos,
+                msg.step + 1,
+                pos,
                 msg.route,
-                msg.hop + 1,
+                0,
                 msg.reply_to,
                 msg.sampling,
                 msg.max_tokens,
-                timings,
-                out.hidden,
+                (),
+                torch.tensor([out.token_id], dtype=torch.int64),
+                msg.ring - 1,
+                msg.stop_ids,
             )
-            await self.peers.send(msg.route[msg.hop + 1].peer, wire.encode(nxt))
-
-    async def _close(self, msg: wire.Close) -> None:
-        if self.executor is not None:
-            self.executor.close_session(msg.session)
-        if msg.hop + 1 < len(msg.route) and self.peers is not None:
-            nxt = wire.Close(msg.session, msg.route, msg.hop + 1)
-            try:
-                await self.peers.send(msg.route[msg.hop + 1].peer, wire.encode(nxt))
-            except KlusterError as exc:
-                log.info("could not pass on the close of session %s: %s", msg.session, exc)
+            first = msg.route[0].peer
+            return [_Outgoing(first, wire.encode(again), msg.reply_to, msg.session, msg.step + 1), reply]
+        nxt = wire.Forward(
+            msg.session,
+            msg.step,
+            msg.pos,
+            msg.route,
+            msg.hop + 1,
+            msg.reply_to,
+            msg.sampling,
+            msg.max_tokens,
+            timings,
+            out.hidden,
+            msg.ring,
+            msg.stop_ids,
+        )
+        return [_Outgoing(msg.route[msg.hop + 1].peer, wire.encode(nxt), msg.reply_to, msg.session, msg.step)]
 
     async def shutdown(self) -> None:
         if self._stopping:

@@ -78,6 +78,11 @@ class Forward:
     max_tokens: int
     timings: tuple[HopTiming, ...] = ()
     tensor: torch.Tensor | None = field(default=None, compare=False)
+    #: tokens the route should go on generating by itself after this step: the last hop feeds
+    #: its sampled token straight back to the first hop (client out of the per-token loop)
+    ring: int = 0
+    #: token ids that end the ring early
+    stop_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -212,6 +217,12 @@ def _sampling(v: Any) -> Sampling:
     return Sampling(temp, top_p, _int(s["seed"], "seed", 0, 2**63 - 1))
 
 
+def _stop_ids(v: Any) -> tuple[int, ...]:
+    if not isinstance(v, list) or len(v) > 64:
+        raise _fail("'stop_ids' must be a list of at most 64 token ids")
+    return tuple(_int(t, "stop_ids", 0, 2**31) for t in v)
+
+
 def _optional(v: Any, parse: Callable[[Any], Any]) -> Any:
     return None if v is None else parse(v)
 
@@ -283,6 +294,8 @@ def decode(data: bytes | bytearray | memoryview, *, max_elements: int = MAX_TENS
                 max_tokens=_int(h["max_tokens"], "max_tokens", 1, 10_000_000),
                 timings=_timings(h.get("timings", [])),
                 tensor=_tensor(tensor_desc, payload, max_elements),
+                ring=_int(h.get("ring", 0), "ring", 0, 10_000_000),
+                stop_ids=_stop_ids(h.get("stop_ids", [])),
             )
         if tensor_desc is not None or len(payload):
             raise _fail("unexpected tensor payload")
