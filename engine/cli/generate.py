@@ -69,9 +69,10 @@ async def stream(
     as_json: bool,
     first_events: list[dict[str, Any]] | None = None,
     names: dict[str, str] | None = None,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> dict[str, Any]:
     """Run a generation, printing events (JSON lines) or streamed text; returns the ``done`` event."""
+    out = out or sys.stdout  # looked up per call: tests and callers may swap sys.stdout
     for ev in first_events or []:
         if as_json:
             print(json.dumps(ev), file=out, flush=True)
@@ -98,7 +99,7 @@ def route_text(route_event: dict[str, Any]) -> str:
     return "route: " + " -> ".join(parts)
 
 
-async def run_remote(args: argparse.Namespace, coordinator: str, *, out: TextIO = sys.stdout) -> dict[str, Any]:
+async def run_remote(args: argparse.Namespace, coordinator: str, *, out: TextIO | None = None) -> dict[str, Any]:
     from engine.client.remote import RemotePipeline
 
     pipeline = RemotePipeline(coordinator, args.model)
@@ -116,7 +117,7 @@ async def run_remote(args: argparse.Namespace, coordinator: str, *, out: TextIO 
         await pipeline.shutdown()
 
 
-async def run_local(args: argparse.Namespace, *, out: TextIO = sys.stdout) -> dict[str, Any]:
+async def run_local(args: argparse.Namespace, *, out: TextIO | None = None) -> dict[str, Any]:
     import torch
 
     from engine.client.local import LocalPipeline
