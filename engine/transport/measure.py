@@ -31,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from engine.errors import TransportError
 from engine.transport.peer import PeerManager
 
 log = logging.getLogger(__name__)
@@ -135,12 +136,14 @@ class EchoProcess:
                 await self._relay
 
     async def _send_signal(self, peer_id: str, data: dict[str, Any]) -> None:
-        assert self.proc is not None and self.proc.stdin is not None
+        if self.proc is None or self.proc.stdin is None:
+            raise TransportError("the echo process is not running")
         self.proc.stdin.write((json.dumps({"to": peer_id, "from": self.self_id, "data": data}) + "\n").encode())
         await self.proc.stdin.drain()
 
     async def _relay_signals(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
+        if self.proc is None or self.proc.stdout is None:
+            raise TransportError("the echo process is not running")
         while line := await self.proc.stdout.readline():
             msg = json.loads(line)
             try:

@@ -161,7 +161,8 @@ class _Link:
 
     async def _wait_writable(self) -> None:
         channel = self.channel
-        assert channel is not None
+        if channel is None:
+            raise self._closed_error()
         while channel.bufferedAmount > HIGH_WATER:
             if self.state != "open":
                 raise self._closed_error()
@@ -485,7 +486,9 @@ class PeerManager:
     async def _connect(self, peer_id: str) -> _Link:
         """Offer a new link to ``peer_id`` and wait until its channel is open."""
         link = self._new_link(peer_id, secrets.token_hex(8), outgoing=True)
-        assert link.answer is not None
+        pending_answer = link.answer
+        if pending_answer is None:  # outgoing links always carry a future for the answer
+            raise TransportError(f"internal: outgoing link to {peer_id} has no answer slot")
         try:
             async with asyncio.timeout(self._connect_timeout):
                 self._attach(link, link.pc.createDataChannel(CHANNEL_LABEL, ordered=True))
@@ -493,8 +496,7 @@ class PeerManager:
                 await self._signal(
                     peer_id, {"type": "offer", "link": link.link_id, "sdp": link.pc.localDescription.sdp}
                 )
-                answer = await link.answer
-                await link.pc.setRemoteDescription(answer)
+                await link.pc.setRemoteDescription(await pending_answer)
                 await link.opened
         except TimeoutError:
             self._drop(link, "connect timed out")

@@ -98,3 +98,14 @@ def test_fragments_chain_equals_whole_model(tmp_path: Path) -> None:
     for part in parts:
         x = part(x, 0, all_logits=True)
     assert torch.equal(x, whole(ids, 0, all_logits=True))
+
+
+@pytest.mark.slow
+def test_smollm2_logits_match_transformers(smollm2_dir: Path) -> None:
+    """The real default model: our code vs transformers on the same converted folder, fp32."""
+    ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    ours = load_model(smollm2_dir)
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1345, 30, 62, 2, 198, 28, 17]])
+    with torch.no_grad():
+        expected = ref(ids).logits
+    assert (ours(ids, 0, all_logits=True) - expected).abs().max().item() <= 1e-4
