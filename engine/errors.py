@@ -13,6 +13,8 @@ class KlusterError(Exception):
 
     #: Stable machine-readable code (sent in wire error replies and JSON events).
     code: str = "error"
+    #: The node this failure is blamed on, when known (drives failover).
+    peer_id: str | None = None
 
 
 class ConfigError(KlusterError):

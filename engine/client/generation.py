@@ -24,6 +24,8 @@ class StepResult:
     token_id: int
     timings: tuple[HopTiming, ...]
     wall_ms: float
+    #: events that happened during the step (e.g. ``failover``), yielded before its token
+    events: tuple[dict[str, Any], ...] = ()
 
 
 class Pipeline(Protocol):
@@ -91,6 +93,8 @@ async def generate_events(
                 decode_timings.append(result.timings)
                 network_ms += result.wall_ms - sum(t.compute_ms + t.queue_ms for t in result.timings)
             generated.append(result.token_id)
+            for event in result.events:
+                yield event
             yield {
                 "event": "token",
                 "index": index,

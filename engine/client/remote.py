@@ -14,14 +14,24 @@ import contextlib
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from engine.client.generation import StepResult
-from engine.errors import CoordinatorError, KlusterError, PeerError, error_for_code
+from engine.errors import (
+    CoordinatorError,
+    FragmentError,
+    KlusterError,
+    NoRouteError,
+    PeerError,
+    SessionError,
+    TransportError,
+    error_for_code,
+)
 from engine.models.sampling import SamplingParams
 from engine.protocol import messages as wire
 from engine.transport.peer import PeerManager
@@ -40,27 +50,49 @@ class RouteHop:
 
 @dataclass
 class _SessionState:
-    """Where a session stands: the next step, and how far the ring will run without being asked."""
+    """Where a session stands: the next step, how far the ring runs unasked, and what to replay."""
 
+    #: the session id on the wire; a failover starts a fresh one on the new route
+    wire_id: str
     next_step: int = 0
     next_pos: int = 0
     last_token: int = -1
     last_arrival: float = 0.0
     #: steps the route will still compute by itself (0: the next step must be sent)
     ring_left: int = 0
+    #: every token fed so far, and the size of each step: a failover replays exactly these steps
+    history: list[int] = field(default_factory=list)
+    chunks: list[int] = field(default_factory=list)
+
+
+#: errors after which the route is replaced and the session replayed on the new one
+_FAILOVER_ERRORS = (PeerError, TransportError, SessionError, FragmentError)
+#: how long a failover waits for the coordinator to offer a route without the failed nodes
+ROUTE_WAIT_S = 30.0
 
 
 class RemotePipeline:
     """A ``Pipeline`` whose steps run on a route of nodes found through the coordinator."""
 
     def __init__(
-        self, coordinator: str, model_id: str, *, step_timeout_s: float = 60.0, name: str = "client", ring: bool = True
+        self,
+        coordinator: str,
+        model_id: str,
+        *,
+        step_timeout_s: float = 60.0,
+        name: str = "client",
+        ring: bool = True,
+        max_failovers: int = 3,
     ) -> None:
         self.model_id = model_id
+        #: route replacements tried for one step before its error reaches the caller
+        self.max_failovers = max_failovers
+        self._excluded: set[str] = set()
+        self._gone: dict[str, str] = {}
         #: let the route feed each sampled token back to its first hop by itself (one hop fewer per token)
         self.ring = ring
         self.step_timeout_s = step_timeout_s
-        self.signaling = SignalingClient(coordinator, "client", name)
+        self.signaling = SignalingClient(coordinator, "client", name, on_control=self._on_control)
         self.peers: PeerManager | None = None
         self.route: list[RouteHop] = []
         self._pending: dict[tuple[str, int], asyncio.Future[wire.Token]] = {}
@@ -76,14 +108,34 @@ class RemotePipeline:
         )
         self.signaling.peers = self.peers
         self._runner = asyncio.create_task(self.signaling.run(), name="signaling")
-        body = await self.signaling.http_json("/v1/route", {"model": self.model_id})
+        self.route = await self._fetch_route()
+        return self.route
+
+    async def _fetch_route(self) -> list[RouteHop]:
+        params = {"model": self.model_id}
+        if self._excluded:
+            params["exclude"] = ",".join(sorted(self._excluded))
+        body = await self.signaling.http_json("/v1/route", params)
         try:
-            self.route = [
-                RouteHop(str(h["peer_id"]), str(h["name"]), int(h["start"]), int(h["end"])) for h in body["route"]
-            ]
+            return [RouteHop(str(h["peer_id"]), str(h["name"]), int(h["start"]), int(h["end"])) for h in body["route"]]
         except (KeyError, TypeError, ValueError):
             raise CoordinatorError("coordinator sent a malformed route") from None
-        return self.route
+
+    async def _on_control(self, data: dict[str, Any]) -> None:
+        """Coordinator notices: a node of our route that left fails its waiting steps at once."""
+        if data.get("type") != "node_gone":
+            return
+        peer = str(data.get("peer_id"))
+        self._excluded.add(peer)
+        self._gone[peer] = str(data.get("name") or peer)
+        if any(h.peer_id == peer for h in self.route):
+            for key in list(self._pending):
+                self._deliver(key, self._gone_error(peer))
+
+    def _gone_error(self, peer: str) -> PeerError:
+        error = PeerError(f"node {self._gone.get(peer, peer)} left the grid")
+        error.peer_id = peer
+        return error
 
     def route_event(self) -> dict[str, Any]:
         return {
@@ -124,7 +176,7 @@ class RemotePipeline:
                 fut.set_exception(outcome)
             else:
                 fut.set_result(outcome)
-        elif key[0] in self._sessions:
+        elif key[0] in self._live_wire_ids():
             self._arrived[key] = (outcome, time.perf_counter())
 
     async def _on_message(self, sender: str, data: bytes) -> None:
@@ -137,6 +189,7 @@ class RemotePipeline:
             self._deliver((msg.session, msg.step), msg)
         elif isinstance(msg, wire.ErrorReply):
             error = error_for_code(msg.code, f"node {self.name_of(msg.peer)}: {msg.message}")
+            error.peer_id = msg.failed_peer or msg.peer
             if msg.session is not None and msg.step is not None:
                 self._deliver((msg.session, msg.step), error)
             else:
@@ -152,70 +205,160 @@ class RemotePipeline:
         sampling: SamplingParams,
         stop_ids: frozenset[int] = frozenset(),
     ) -> StepResult:
-        """Next token for ``session``; in ring mode most steps only wait for what the route already computes."""
+        """Next token for ``session``; in ring mode most steps only wait for what the route already computes.
+
+        If a node of the route fails (error reply, lost link, or the coordinator reporting it gone),
+        the route is replaced and the session's exact step sequence is replayed on the new one in a
+        single message, so the output continues as if nothing happened.
+        """
         if self.peers is None or not self.route:
             raise CoordinatorError("pipeline not started")
-        state = self._sessions.setdefault(session, _SessionState())
+        state = self._sessions.setdefault(session, _SessionState(wire_id=session))
+        events: list[dict[str, Any]] = []
         continuing = state.ring_left > 0 and state.next_pos == pos and tokens == [state.last_token]
-        step = state.next_step
-        key = (session, step)
         t0 = state.last_arrival if continuing else time.perf_counter()
-        if not continuing:
+        replay = False
+        for attempt in range(self.max_failovers + 1):
+            try:
+                token, arrival = await self._run_step(
+                    state, pos, tokens, max_tokens, sampling, stop_ids, send=not continuing or replay, replay=replay
+                )
+                break
+            except _FAILOVER_ERRORS as exc:
+                state.ring_left = 0
+                if attempt == self.max_failovers:
+                    raise
+                events.append(await self._failover(state, exc))
+                replay = True
+            except BaseException:
+                state.ring_left = 0
+                raise
+        state.history.extend(tokens)
+        state.chunks.append(len(tokens))
+        state.next_step += 1
+        state.next_pos = pos + len(tokens)
+        state.last_token = token.token_id
+        state.last_arrival = arrival
+        state.ring_left = 0 if token.token_id in stop_ids else state.ring_left - 1
+        return StepResult(token.token_id, token.timings, (arrival - t0) * 1000, tuple(events))
+
+    async def _run_step(
+        self,
+        state: _SessionState,
+        pos: int,
+        tokens: list[int],
+        max_tokens: int,
+        sampling: SamplingParams,
+        stop_ids: frozenset[int],
+        *,
+        send: bool,
+        replay: bool,
+    ) -> tuple[wire.Token, float]:
+        """Send this step (or its replay) if needed, then wait for its token."""
+        if self.peers is None:
+            raise CoordinatorError("pipeline not started")
+        key = (state.wire_id, state.next_step)
+        if send:
             ring = max(0, max_tokens - (pos + len(tokens)) - 1) if self.ring else 0
+            feed, start, chunks = (
+                (state.history + tokens, 0, (*state.chunks, len(tokens))) if replay else (tokens, pos, ())
+            )
             msg = wire.Forward(
-                session,
-                step,
-                pos,
+                state.wire_id,
+                state.next_step,
+                start,
                 self._hops(),
                 0,
                 self.peers.self_id,
                 wire.Sampling(sampling.temperature, sampling.top_p, sampling.seed),
                 max_tokens,
                 (),
-                torch.tensor(tokens, dtype=torch.int64),
+                torch.tensor(feed, dtype=torch.int64),
                 ring,
                 tuple(sorted(stop_ids)),
+                chunks,
             )
             state.ring_left = ring + 1
         arrived = self._arrived.pop(key, None)
+        if arrived is not None:
+            outcome, arrival = arrived
+            if isinstance(outcome, KlusterError):
+                raise outcome
+            return outcome, arrival
+        gone = next((h.peer_id for h in self.route if h.peer_id in self._gone), None)
+        if gone is not None:  # the coordinator already said a hop left: no token will come
+            raise self._gone_error(gone)
+        fut: asyncio.Future[wire.Token] = asyncio.get_running_loop().create_future()
+        self._pending[key] = fut
         try:
-            if arrived is None:
-                fut: asyncio.Future[wire.Token] = asyncio.get_running_loop().create_future()
-                self._pending[key] = fut
-                if not continuing:
-                    await self.peers.send(self.route[0].peer_id, wire.encode(msg))
-                token = await asyncio.wait_for(fut, self.step_timeout_s)
-                arrival = time.perf_counter()
-            else:
-                outcome, arrival = arrived
-                if isinstance(outcome, KlusterError):
-                    raise outcome
-                token = outcome
+            if send:
+                await self.peers.send(self.route[0].peer_id, wire.encode(msg))
+            token = await asyncio.wait_for(fut, self.step_timeout_s)
+            return token, time.perf_counter()
         except TimeoutError:
-            state.ring_left = 0
             raise PeerError(
                 f"no token from the route within {self.step_timeout_s:.0f} s (a node stalled or died)"
             ) from None
-        except BaseException:
-            state.ring_left = 0
-            raise
         finally:
             self._pending.pop(key, None)
-        state.next_step = step + 1
-        state.next_pos = pos + len(tokens)
-        state.last_token = token.token_id
-        state.last_arrival = arrival
-        state.ring_left = 0 if token.token_id in stop_ids else state.ring_left - 1
-        return StepResult(token.token_id, token.timings, (arrival - t0) * 1000)
+
+    async def _failover(self, state: _SessionState, cause: KlusterError) -> dict[str, Any]:
+        """Replace the route after ``cause``; returns the ``failover`` event for the JSON stream."""
+        detected = time.perf_counter()
+        failed = self._failed_peer(cause)
+        old = self.route
+        log.warning("route failed (%s); failing over", cause)
+        if failed:
+            self._excluded.add(failed)
+        if self.peers is not None and old and old[0].peer_id != failed:
+            close = wire.Close(state.wire_id, self._hops(), 0)
+            with contextlib.suppress(KlusterError):  # frees the healthy hops' caches of the old session
+                await self.peers.send(old[0].peer_id, wire.encode(close))
+        deadline = time.monotonic() + ROUTE_WAIT_S
+        while True:
+            try:
+                self.route = await self._fetch_route()
+                break
+            except NoRouteError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+        state.wire_id = uuid.uuid4().hex
+        for key in [k for k in self._arrived if k[0] not in self._live_wire_ids()]:
+            del self._arrived[key]
+        return {
+            "event": "failover",
+            "failed_node": self.name_of_in(old, failed) if failed else None,
+            "reason": str(cause),
+            "at_token": state.next_step,
+            "detected_after_ms": round((detected - state.last_arrival) * 1000, 1) if state.last_arrival else None,
+            "new_route": [{"name": h.name, "peer_id": h.peer_id, "layers": [h.start, h.end]} for h in self.route],
+            "recovery_ms": round((time.perf_counter() - detected) * 1000, 1),
+        }
+
+    @staticmethod
+    def _failed_peer(cause: KlusterError) -> str | None:
+        """The node an error blames (set from error replies and coordinator notices), if any."""
+        peer = getattr(cause, "peer_id", None)
+        return peer if isinstance(peer, str) else None
+
+    @staticmethod
+    def name_of_in(route: list[RouteHop], peer_id: str) -> str:
+        return next((h.name for h in route if h.peer_id == peer_id), peer_id)
+
+    def _live_wire_ids(self) -> set[str]:
+        return {s.wire_id for s in self._sessions.values()}
 
     async def close_session(self, session: str) -> None:
-        self._sessions.pop(session, None)
-        for key in [k for k in self._arrived if k[0] == session]:
+        state = self._sessions.pop(session, None)
+        if state is None:
+            return
+        for key in [k for k in self._arrived if k[0] == state.wire_id]:
             del self._arrived[key]
         if self.peers is None or not self.route:
             return
         with contextlib.suppress(KlusterError):
-            await self.peers.send(self.route[0].peer_id, wire.encode(wire.Close(session, self._hops(), 0)))
+            await self.peers.send(self.route[0].peer_id, wire.encode(wire.Close(state.wire_id, self._hops(), 0)))
 
     async def shutdown(self) -> None:
         if self.peers is not None:

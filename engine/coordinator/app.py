@@ -75,6 +75,7 @@ class Coordinator:
             FragmentSlot(p.model_id, m.index, m.start, m.end) for p in self.packs.values() for m in p.manifests
         ]
         self._sockets: dict[str, web.WebSocketResponse] = {}
+        self._roles: dict[str, str] = {}
         self._runner: web.AppRunner | None = None
         self._closed = False
 
@@ -130,8 +131,10 @@ class Coordinator:
         if model_id not in self.packs:
             served = ", ".join(sorted(self.packs)) or "none"
             return _error(404, f"model '{model_id}' is not served here (served: {served})", "model_not_found")
+        excluded = {p for p in request.query.get("exclude", "").split(",") if p}
+        nodes = [n for n in self.registry.online_nodes() if n.peer_id not in excluded]
         try:
-            route = plan_route(model_id, self.slots, self.registry.online_nodes())
+            route = plan_route(model_id, self.slots, nodes)
         except NoRouteError as exc:
             return _error(503, exc)
         return web.json_response(
@@ -182,6 +185,7 @@ class Coordinator:
         name = str(hello.get("name") or role)[:64]
         peer_id = f"{role[0]}-{secrets.token_hex(6)}"
         self._sockets[peer_id] = ws
+        self._roles[peer_id] = role
         await ws.send_json({"type": "welcome", "peer_id": peer_id, "ice_servers": list(self.config.ice_servers)})
         log.info("%s %s connected as %s", role, name, peer_id)
         if role == "node":
@@ -199,10 +203,21 @@ class Coordinator:
                     await self._on_message(peer_id, role, ws, data)
         finally:
             self._sockets.pop(peer_id, None)
+            self._roles.pop(peer_id, None)
             if role == "node":
                 self.registry.set_offline(peer_id)
+                await self._broadcast_to_clients({"type": "node_gone", "peer_id": peer_id, "name": name})
             log.info("%s %s (%s) disconnected", role, name, peer_id)
         return ws
+
+    async def _broadcast_to_clients(self, message: dict[str, Any]) -> None:
+        """Tell every connected client at once (a client whose route used a lost node fails over)."""
+        for peer_id, ws in list(self._sockets.items()):
+            if self._roles.get(peer_id) == "client" and not ws.closed:
+                try:
+                    await ws.send_json(message)
+                except (ConnectionError, RuntimeError) as exc:
+                    log.debug("could not notify %s: %s", peer_id, exc)
 
     async def _assign(self, peer_id: str, ws: web.WebSocketResponse) -> None:
         slot = choose_fragment(self.slots, self.registry.online_nodes())

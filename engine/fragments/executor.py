@@ -114,11 +114,14 @@ class FragmentExecutor:
         max_tokens: int,
         sampling: SamplingParams | None = None,
         queued: float | None = None,
+        chunks: tuple[int, ...] = (),
     ) -> StepOutput:
         """Run positions ``pos..pos+T`` of ``session``; a new session must start at position 0.
 
-        Must run on the torch thread (``step`` takes it there); ``queued`` is the
-        ``time.perf_counter()`` at which the caller handed the work over, for the queue timing.
+        ``chunks`` splits the T tokens into successive steps of those sizes, exactly as if they
+        had arrived one step at a time (a failover replays a session this way). Must run on the
+        torch thread (``step`` takes it there); ``queued`` is the ``time.perf_counter()`` at which
+        the caller handed the work over, for the queue timing.
         """
         t0 = time.perf_counter()
         x = self.check_input(tensor).to(self._device)
@@ -132,8 +135,15 @@ class FragmentExecutor:
             state = self._open(session, max_tokens)
         if pos != state.cache.length:
             raise SessionError(f"session {session}: got position {pos}, expected {state.cache.length}")
+        sizes = chunks or (x.shape[1],)
+        if sum(sizes) != x.shape[1]:
+            raise ProtocolError(f"chunks {list(sizes)[:8]} do not add up to the {x.shape[1]} tokens sent")
         state.last_used = time.monotonic()
-        out = self.model(x, pos, state.cache)
+        outs, start = [], 0
+        for size in sizes:
+            outs.append(self.model(x[:, start : start + size], pos + start, state.cache))
+            start += size
+        out = outs[0] if len(outs) == 1 else outs[-1] if self.model.has_head else torch.cat(outs, dim=1)
         token = None
         hidden: torch.Tensor | None = out[0]
         if self.model.has_head:
@@ -143,10 +153,18 @@ class FragmentExecutor:
         return StepOutput(hidden, token, queue_ms, (time.perf_counter() - t0) * 1000)
 
     async def step(
-        self, session: str, pos: int, tensor: torch.Tensor, max_tokens: int, sampling: SamplingParams | None = None
+        self,
+        session: str,
+        pos: int,
+        tensor: torch.Tensor,
+        max_tokens: int,
+        sampling: SamplingParams | None = None,
+        chunks: tuple[int, ...] = (),
     ) -> StepOutput:
         """``step_sync`` on the torch thread, awaited from the event loop."""
-        return await torch_thread.run(self.step_sync, session, pos, tensor, max_tokens, sampling, time.perf_counter())
+        return await torch_thread.run(
+            self.step_sync, session, pos, tensor, max_tokens, sampling, time.perf_counter(), chunks
+        )
 
     def close_session(self, session: str) -> bool:
         return self._sessions.pop(session, None) is not None

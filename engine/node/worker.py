@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,8 @@ class Node:
     # ------------------------------------------------------------------ serving
 
     def _error_to(self, to: str, exc: KlusterError, session: str | None, step: int | None) -> _Outgoing:
-        return _Outgoing(to, wire.encode(wire.ErrorReply(exc.code, str(exc), self.peer_id, session, step)))
+        reply = wire.ErrorReply(exc.code, str(exc), self.peer_id, session, step, exc.peer_id)
+        return _Outgoing(to, wire.encode(reply))
 
     async def _on_message(self, sender: str, data: bytes) -> None:
         """Handle one message on the torch thread, then send whatever it produced."""
@@ -136,6 +137,7 @@ class Node:
             log.warning("could not send to %s: %s", item.to, exc)
             if item.reply_to is not None and item.reply_to != item.to:
                 err = PeerError(f"node {self.config.name} cannot reach the next hop {item.to}: {exc}")
+                err.peer_id = item.to
                 await self._send(self._error_to(item.reply_to, err, item.session, item.step))
 
     def _handle(self, sender: str, data: bytes, queued: float) -> list[_Outgoing]:
@@ -175,45 +177,27 @@ class Node:
         if (msg.hop == len(msg.route) - 1) != m.head:
             raise ProtocolError("route does not end at the fragment holding the LM head")
         sampling = SamplingParams(msg.sampling.temperature, msg.sampling.top_p, msg.sampling.seed)
-        out = self.executor.step_sync(msg.session, msg.pos, msg.tensor, msg.max_tokens, sampling, queued)
+        out = self.executor.step_sync(msg.session, msg.pos, msg.tensor, msg.max_tokens, sampling, queued, msg.chunks)
         timings = (*msg.timings, wire.HopTiming(self.peer_id, round(out.queue_ms, 3), round(out.compute_ms, 3)))
-        if out.token_id is not None:
-            pos = msg.pos + msg.tensor.shape[0]
-            reply = _Outgoing(msg.reply_to, wire.encode(wire.Token(msg.session, msg.step, pos, out.token_id, timings)))
-            if msg.ring <= 0 or out.token_id in msg.stop_ids or pos + 1 > msg.max_tokens:
-                return [reply]
-            # Ring mode: feed the token straight back to the first hop, then tell the client.
-            again = wire.Forward(
-                msg.session,
-                msg.step + 1,
-                pos,
-                msg.route,
-                0,
-                msg.reply_to,
-                msg.sampling,
-                msg.max_tokens,
-                (),
-                torch.tensor([out.token_id], dtype=torch.int64),
-                msg.ring - 1,
-                msg.stop_ids,
-            )
-            first = msg.route[0].peer
-            return [_Outgoing(first, wire.encode(again), msg.reply_to, msg.session, msg.step + 1), reply]
-        nxt = wire.Forward(
-            msg.session,
-            msg.step,
-            msg.pos,
-            msg.route,
-            msg.hop + 1,
-            msg.reply_to,
-            msg.sampling,
-            msg.max_tokens,
-            timings,
-            out.hidden,
-            msg.ring,
-            msg.stop_ids,
+        if out.token_id is None:
+            nxt = replace(msg, hop=msg.hop + 1, timings=timings, tensor=out.hidden)
+            return [_Outgoing(msg.route[msg.hop + 1].peer, wire.encode(nxt), msg.reply_to, msg.session, msg.step)]
+        pos = msg.pos + msg.tensor.shape[0]
+        reply = _Outgoing(msg.reply_to, wire.encode(wire.Token(msg.session, msg.step, pos, out.token_id, timings)))
+        if msg.ring <= 0 or out.token_id in msg.stop_ids or pos + 1 > msg.max_tokens:
+            return [reply]
+        # Ring mode: feed the token straight back to the first hop, then tell the client.
+        again = replace(
+            msg,
+            step=msg.step + 1,
+            pos=pos,
+            hop=0,
+            timings=(),
+            ring=msg.ring - 1,
+            chunks=(),
+            tensor=torch.tensor([out.token_id], dtype=torch.int64),
         )
-        return [_Outgoing(msg.route[msg.hop + 1].peer, wire.encode(nxt), msg.reply_to, msg.session, msg.step)]
+        return [_Outgoing(msg.route[0].peer, wire.encode(again), msg.reply_to, msg.session, msg.step + 1), reply]
 
     async def shutdown(self) -> None:
         if self._stopping:

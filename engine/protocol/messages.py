@@ -15,7 +15,7 @@ import json
 import math
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -83,6 +83,9 @@ class Forward:
     ring: int = 0
     #: token ids that end the ring early
     stop_ids: tuple[int, ...] = ()
+    #: run the tensor's tokens as successive steps of these sizes (empty: one step); a failover
+    #: replays a session's exact step sequence this way, so the replacement's KV state is the same
+    chunks: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,8 @@ class ErrorReply:
     peer: str
     session: str | None = None
     step: int | None = None
+    #: the node at fault when it is not the reporter (e.g. an unreachable next hop)
+    failed_peer: str | None = None
 
 
 Message = Forward | Token | Close | ErrorReply
@@ -146,7 +151,7 @@ def encode(msg: Message) -> bytes:
                 raise ProtocolError(f"dtype {t.dtype} cannot be sent")
             header["tensor"] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape)}
             payload = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        else:
+        elif f.default is MISSING or value != f.default:  # defaults are implied: smaller headers
             header[f.name] = _plain(value)
     head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     return _PREFIX.pack(MAGIC, VERSION, len(head)) + head + payload
@@ -223,6 +228,12 @@ def _stop_ids(v: Any) -> tuple[int, ...]:
     return tuple(_int(t, "stop_ids", 0, 2**31) for t in v)
 
 
+def _chunks(v: Any) -> tuple[int, ...]:
+    if not isinstance(v, list) or len(v) > 1_000_000:
+        raise _fail("'chunks' must be a list of step sizes")
+    return tuple(_int(c, "chunks", 1, 10_000_000) for c in v)
+
+
 def _optional(v: Any, parse: Callable[[Any], Any]) -> Any:
     return None if v is None else parse(v)
 
@@ -296,6 +307,7 @@ def decode(data: bytes | bytearray | memoryview, *, max_elements: int = MAX_TENS
                 tensor=_tensor(tensor_desc, payload, max_elements),
                 ring=_int(h.get("ring", 0), "ring", 0, 10_000_000),
                 stop_ids=_stop_ids(h.get("stop_ids", [])),
+                chunks=_chunks(h.get("chunks", [])),
             )
         if tensor_desc is not None or len(payload):
             raise _fail("unexpected tensor payload")
@@ -316,6 +328,7 @@ def decode(data: bytes | bytearray | memoryview, *, max_elements: int = MAX_TENS
             peer=_str(h["peer"], "peer"),
             session=_optional(h.get("session"), lambda v: _str(v, "session")),
             step=_optional(h.get("step"), lambda v: _int(v, "step")),
+            failed_peer=_optional(h.get("failed_peer"), lambda v: _str(v, "failed_peer")),
         )
     except KeyError as exc:
         raise _fail(f"missing field {exc.args[0]!r}") from None

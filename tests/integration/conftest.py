@@ -47,3 +47,19 @@ def cluster_factory(smollm2_pack3: Path, tmp_path: Path) -> Iterator[Callable[[i
     finally:
         for cluster in started:
             cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_pack2(smollm2_dir: Path, session_root: Path) -> Path:
+    """The default model in 2 fragments: 4 nodes then hold every span twice."""
+    from engine.fragments.pack import pack_model
+
+    out = session_root / "pack2"
+    pack_model(smollm2_dir, out, 2, model_id="smollm2-135m", progress=False)
+    return out
+
+
+@pytest.fixture
+def start_cluster_from() -> Callable[[Path, Path, int], LocalCluster]:
+    """``start_cluster`` for tests that need another pack (the caller stops the cluster)."""
+    return start_cluster

@@ -129,12 +129,13 @@ def test_round_trip_other_messages(msg: Any) -> None:
 def test_empty_timings_round_trip_and_may_be_omitted() -> None:
     msg = forward(timings=())
     header, payload = split(encode(msg))
-    assert header["timings"] == []
+    assert "timings" not in header  # fields at their default are left out of the header
     assert decode(encode(msg)).timings == ()
-    del header["timings"]
+    header["timings"] = []
     assert decode(frame(header, payload)).timings == ()
     token_header, _ = split(encode(Token("s", 1, 2, 3)))
-    del token_header["timings"]
+    assert "timings" not in token_header
+    token_header["timings"] = []
     assert decode(frame(token_header)) == Token("s", 1, 2, 3)
 
 
