@@ -4,6 +4,7 @@ Timed assertions do not belong in tests on shared, noisy machines; these command
 targets instead, everything in one process run so the ratios compare like with like.
 
   pipeline   our local engine vs transformers generate vs a 3-node WebRTC route (decode, batch 1)
+  failover   kill -9 a routed node at token 5: identical output? stall? (bench_failover.py)
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ def register(sub: Any) -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per engine; the best is reported (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=run_pipeline)
+
+    from engine.cli import bench_failover
+
+    bench_failover.register(bsub)
 
 
 async def _decode_stats(pipeline: Any, prompt_ids: list[int], tokens: int) -> dict[str, Any]:

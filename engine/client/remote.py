@@ -307,7 +307,7 @@ class RemotePipeline:
         detected = time.perf_counter()
         failed = self._failed_peer(cause)
         old = self.route
-        log.warning("route failed (%s); failing over", cause)
+        log.info("route failed (%s); failing over", cause)
         if failed:
             self._excluded.add(failed)
         if self.peers is not None and old and old[0].peer_id != failed:

@@ -285,14 +285,18 @@ class _Telemetry:
             return
         try:
             nvml.nvmlInit()
-            if nvml.nvmlDeviceGetCount() < 1:
-                nvml.nvmlShutdown()
-                return
-            self._handle = nvml.nvmlDeviceGetHandleByIndex(0)
         except nvml.NVMLError as exc:
             log.debug("GPU telemetry unavailable: %s", exc)
             return
-        self._nvml = nvml
+        try:
+            if nvml.nvmlDeviceGetCount() >= 1:
+                self._handle = nvml.nvmlDeviceGetHandleByIndex(0)
+                self._nvml = nvml
+                return
+        except nvml.NVMLError as exc:
+            log.debug("GPU telemetry unavailable: %s", exc)
+        with contextlib.suppress(nvml.NVMLError):
+            nvml.nvmlShutdown()
 
     def sample(self) -> dict[str, Any]:
         with self._lock:

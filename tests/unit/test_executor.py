@@ -336,3 +336,35 @@ async def test_steps_compute_off_the_event_loop(whole: FragmentModel, monkeypatc
     assert len(threads) == 1 and threads[0] != loop_thread
     assert waited == [True]
     assert out.token_id is not None
+
+
+async def test_chunked_replay_rebuilds_the_exact_session_state(whole: FragmentModel, middle: FragmentModel) -> None:
+    """A failover replays a session's steps in one message; the result must be bit-identical."""
+    prompt, n = [5, 17, 3, 99, 42], 6
+    ex = FragmentExecutor(whole)
+    stepwise = await generate(ex, "live", prompt, n)
+    fed = prompt + stepwise[:-1]
+    chunks = (len(prompt),) + (1,) * (n - 1)
+    replayed = await ex.step("replay", 0, ids(*fed), 32, None, chunks)
+    assert replayed.token_id == stepwise[-1]
+    # The caches now agree exactly: the next step gives bit-identical logits on both sessions.
+    nxt = await ex.step("live", len(fed), ids(stepwise[-1]), 32)
+    again = await ex.step("replay", len(fed), ids(stepwise[-1]), 32)
+    assert nxt.token_id == again.token_id
+    live, replay = ex._sessions["live"].cache, ex._sessions["replay"].cache
+    assert live.length == replay.length == len(fed) + 1
+    for layer in range(whole.num_layers):
+        assert torch.equal(live._keys[layer][:, :, : live.length], replay._keys[layer][:, :, : replay.length])
+        assert torch.equal(live._values[layer][:, :, : live.length], replay._values[layer][:, :, : replay.length])
+
+    # A middle fragment returns the hidden states of every replayed position, as step by step.
+    mid = FragmentExecutor(middle)
+    x = torch.randn(len(fed), HIDDEN, generator=torch.Generator().manual_seed(0))
+    parts, pos = [], 0
+    for size in chunks:
+        parts.append((await mid.step("a", pos, x[pos : pos + size], 32)).hidden)
+        pos += size
+    whole_replay = (await mid.step("b", 0, x, 32, None, chunks)).hidden
+    assert torch.equal(torch.cat(parts, 0), whole_replay)
+    with pytest.raises(ProtocolError, match="do not add up"):
+        await mid.step("c", 0, x, 32, None, (1, 2))

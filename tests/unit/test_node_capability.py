@@ -202,6 +202,15 @@ def test_nvml_error_mid_query_gives_cpu_report_and_still_shuts_down(inject: Call
     assert fake.calls[-1] == "shutdown"
 
 
+def test_nvml_without_devices_gives_cpu_report(inject: Callable[..., types.ModuleType]) -> None:
+    fake = inject(_fake_nvml(count=0))
+    report = cap.gpu_report()
+    assert report.kind == "cpu" and report.note == cap.NO_GPU_NOTE
+    sample = cap.gpu_telemetry()
+    assert sample["kind"] == "cpu"
+    assert fake.calls.count("init") == fake.calls.count("shutdown") == 2
+
+
 def test_driver_not_loaded_counts_as_no_gpu(inject: Callable[..., types.ModuleType]) -> None:
     inject(_fake_nvml(init_error=pynvml.NVMLError_DriverNotLoaded()))
     assert cap.gpu_report().note == cap.NO_GPU_NOTE
