@@ -52,6 +52,7 @@ class LocalCluster:
         log_dir: Path | None = None,
         node_threads: int | None = None,
         host: str = "127.0.0.1",
+        benchmark_s: float = 0.5,
     ) -> None:
         self.pack_dir = pack_dir
         self.nodes = nodes
@@ -59,6 +60,7 @@ class LocalCluster:
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="kluster-run-"))
         self.cache_dir = cache_dir or self.log_dir / "cache"
         self.node_threads = node_threads
+        self.benchmark_s = benchmark_s
         self.url = ""
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.node_procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -98,7 +100,17 @@ class LocalCluster:
         return self.url
 
     def start_node(self, name: str) -> subprocess.Popen[bytes]:
-        args = ["node", "--coordinator", self.url, "--name", name, "--cache-dir", str(self.cache_dir)]
+        args = [
+            "node",
+            "--coordinator",
+            self.url,
+            "--name",
+            name,
+            "--cache-dir",
+            str(self.cache_dir),
+            "--benchmark-seconds",
+            str(self.benchmark_s),
+        ]
         if self.node_threads:
             args += ["--threads", str(self.node_threads)]
         proc = self._spawn(name, args)

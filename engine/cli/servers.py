@@ -39,6 +39,12 @@ def register(sub: Any) -> None:
     n.add_argument("--kv-budget-mb", type=int, default=1024, help="memory for KV caches of all sessions (MiB)")
     n.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     n.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    n.add_argument(
+        "--benchmark-seconds",
+        type=float,
+        default=1.0,
+        help="length of the start-up throughput benchmark reported to the coordinator (default 1)",
+    )
     n.set_defaults(handler=run_node, default_loglevel="INFO")
 
 
@@ -96,7 +102,19 @@ def run_node(args: argparse.Namespace) -> int:
     if args.kv_budget_mb <= 0:
         raise ConfigError("--kv-budget-mb must be positive")
     cache = args.cache_dir or paths.cache_dir()
-    node = Node(NodeConfig(args.coordinator, args.name, cache, args.kv_budget_mb, args.threads, args.device))
+    if not 0.05 <= args.benchmark_seconds <= 60:
+        raise ConfigError("--benchmark-seconds must be between 0.05 and 60")
+    node = Node(
+        NodeConfig(
+            args.coordinator,
+            args.name,
+            cache,
+            args.kv_budget_mb,
+            args.threads,
+            args.device,
+            benchmark_s=args.benchmark_seconds,
+        )
+    )
 
     async def main() -> None:
         serve = asyncio.create_task(node.run())

@@ -244,6 +244,9 @@ class Coordinator:
                 return
             await target.send_json({"type": "signal", "from": peer_id, "data": data.get("data")})
         elif kind == "ready" and role == "node":
+            capability = data.get("capability")
+            if isinstance(capability, dict):
+                self.registry.set_info(peer_id, json.dumps(capability))
             self.registry.set_ready(peer_id, True)
             log.info("node %s ready with %s fragment %s", peer_id, data.get("model_id"), data.get("fragment"))
         elif kind == "failed" and role == "node":

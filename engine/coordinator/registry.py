@@ -7,6 +7,7 @@ nodes reconnecting, never trusted from a previous run.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -58,6 +59,10 @@ class Registry:
             "UPDATE nodes SET ready = ?, last_seen = ? WHERE peer_id = ?", (int(ready), time.time(), peer_id)
         )
 
+    def set_info(self, peer_id: str, info: str) -> None:
+        """Store a node's capability report (JSON: hardware and measured throughput)."""
+        self._db.execute("UPDATE nodes SET info = ? WHERE peer_id = ?", (info, peer_id))
+
     def touch(self, peer_id: str) -> None:
         self._db.execute("UPDATE nodes SET last_seen = ? WHERE peer_id = ?", (time.time(), peer_id))
 
@@ -74,8 +79,8 @@ class Registry:
 
     def describe(self) -> list[dict[str, object]]:
         rows = self._db.execute(
-            "SELECT peer_id, name, joined_at, last_seen, model_id, fragment, ready, online FROM nodes "
+            "SELECT peer_id, name, joined_at, last_seen, model_id, fragment, ready, online, info FROM nodes "
             "WHERE online = 1 ORDER BY joined_at"
         ).fetchall()
         keys = ("peer_id", "name", "joined_at", "last_seen", "model_id", "fragment", "ready", "online")
-        return [dict(zip(keys, r, strict=True)) for r in rows]
+        return [{**dict(zip(keys, r[:-1], strict=True)), "capability": json.loads(r[-1])} for r in rows]

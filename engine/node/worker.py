@@ -25,6 +25,7 @@ from engine.fragments.executor import ExecutorConfig, FragmentExecutor
 from engine.fragments.manifest import Manifest, parse_manifest
 from engine.fragments.store import load_fragment
 from engine.models.sampling import SamplingParams
+from engine.node.capability import capability_report_async
 from engine.node.fetch import fetch_fragment
 from engine.protocol import messages as wire
 from engine.transport.peer import PeerManager
@@ -45,6 +46,8 @@ class NodeConfig:
     threads: int | None = None
     device: str = "cpu"
     connect_timeout_s: float = 10.0
+    #: seconds of the start-up throughput benchmark reported to the coordinator
+    benchmark_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -107,9 +110,15 @@ class Node:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600, sock_connect=10)) as http:
                 folder = await fetch_fragment(http, base, manifest, self.config.cache_dir)
             _, model = await torch_thread.run(load_fragment, folder, device=self.config.device)
+            # Measured, never claimed: the scheduler places spans by this figure.
+            capability = await capability_report_async(
+                model.cfg, device=self.config.device, seconds=self.config.benchmark_s
+            )
             self.executor = FragmentExecutor(model, ExecutorConfig(kv_budget_bytes=self.config.kv_budget_mb << 20))
             self.manifest = manifest
-            await self.signaling.send({"type": "ready", "model_id": manifest.model_id, "fragment": manifest.index})
+            await self.signaling.send(
+                {"type": "ready", "model_id": manifest.model_id, "fragment": manifest.index, "capability": capability}
+            )
             log.info("serving %s layers %d-%d", manifest.model_id, manifest.start, manifest.end)
         except (KlusterError, OSError) as exc:
             log.error("cannot host the assigned fragment: %s", exc)

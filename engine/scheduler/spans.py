@@ -49,6 +49,8 @@ CAPPED_SHARE = 0.1
 GREEDY_JOIN_LIMIT = 32
 #: How many lane counts below the preferred one are tried before the plain memory-packing fallback.
 _LANE_RETRIES = 4
+import os
+_DEBUG = bool(os.environ.get('SPANS_DEBUG'))
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,21 +123,20 @@ def _clamp(x: float, lo: float, hi: float) -> float:
     return lo if x < lo else hi if x > hi else x
 
 
-def _scale(useful: Sequence[_Node], num_layers: int, min_replicas: int) -> tuple[int, float]:
-    """Choose the number of lanes R (full copies) and the span scale c (layers per unit of speed).
+def _lane_counts(useful: Sequence[_Node], num_layers: int, min_replicas: int) -> tuple[int, int, int]:
+    """Candidate numbers of lanes (full copies): (fewest, preferred, most).
 
-    R is at least ``min_replicas`` (when memory allows), at least enough lanes for every node to
-    fit in one (a lane holds at most L nodes), and otherwise as many as the memory of nodes holding
-    all but ``CAPPED_SHARE`` of the throughput allows at proportional lengths: longer spans mean
-    fewer hops per token at no cost in bottleneck throughput, until memory caps start to bind.
+    Fewest: ``min_replicas`` and enough lanes for every node to fit in one (a lane holds at most L
+    nodes). Most: what the total memory allows. Preferred: as many lanes as the memory of the nodes
+    holding all but ``CAPPED_SHARE`` of the throughput allows at proportional lengths, since longer
+    spans mean fewer hops per token and less rounding, at no cost in bottleneck throughput until
+    memory caps start to bind. All three are clipped to [1, most].
     """
     L = num_layers
-    total_cap = sum(n.cap for n in useful)
-    r_hi = total_cap // L
-    speeds = [n.speed for n in useful]
-    total_speed = math.fsum(speeds)
-    # Speed-weighted quantile of cap/speed: at c below it, nodes holding >= (1 - CAPPED_SHARE) of
-    # the throughput get their full proportional span.
+    r_hi = max(1, sum(n.cap for n in useful) // L)
+    total_speed = math.fsum(n.speed for n in useful)
+    # Speed-weighted quantile of cap/speed: at a scale c below it, nodes holding at least
+    # (1 - CAPPED_SHARE) of the throughput get their full proportional span c * speed.
     ratios = sorted((n.cap / n.speed, n.speed) for n in useful)
     acc = 0.0
     c_mem = ratios[-1][0]
@@ -145,11 +146,9 @@ def _scale(useful: Sequence[_Node], num_layers: int, min_replicas: int) -> tuple
             c_mem = ratio
             break
     pref = math.fsum(_clamp(c_mem * n.speed, 1.0, float(n.cap)) for n in useful)
-    r = max(min_replicas, int(pref // L), -(-len(useful) // L), 1)
-    r = max(1, min(r, r_hi))
-    lo = [1.0] * len(useful)
-    hi = [float(n.cap) for n in useful]
-    return r, _water_level(speeds, lo, hi, float(r * L))
+    r_lo = min(r_hi, max(min_replicas, -(-len(useful) // L), 1))
+    r_pref = min(r_hi, max(r_lo, int(pref // L)))
+    return r_lo, r_pref, r_hi
 
 
 def _lpt(
@@ -360,30 +359,58 @@ def _place_greedily(
         count[start : start + k] += 1
 
 
-def _plan(useful: Sequence[_Node], num_layers: int, min_replicas: int) -> tuple[dict[str, Span], float]:
-    """plan_spans on already-filtered nodes; also returns the span scale c used."""
+def _plan_with_lanes(
+    useful: Sequence[_Node], num_layers: int, lanes: int
+) -> tuple[dict[str, Span], float, float] | None:
+    """The plan with exactly ``lanes`` lanes: (spans, scale c, bottleneck), or None if they cannot be packed."""
     L = num_layers
-    if sum(n.cap for n in useful) < L:
-        raise NoRouteError(f"the grid's memory holds {sum(n.cap for n in useful)} layer slots; the model needs {L}")
-    lanes, c = _scale(useful, L, min_replicas)
-    result = None
-    tried = 0
-    r = lanes
-    while r >= 1 and tried < _LANE_RETRIES:
-        c_r = (
-            c
-            if r == lanes
-            else _water_level(
-                [n.speed for n in useful], [1.0] * len(useful), [float(n.cap) for n in useful], float(r * L)
-            )
-        )
-        result = _build_lanes(useful, L, r, c_r)
-        if result is not None:
-            c = c_r
-            break
-        tried += 1
-        r -= 1
+    c = _water_level([n.speed for n in useful], [1.0] * len(useful), [float(n.cap) for n in useful], float(lanes * L))
+    result = _build_lanes(useful, L, lanes, c)
     if result is None:
+        return None
+    return _finish(useful, L, result, c)
+
+
+def _finish(
+    useful: Sequence[_Node], num_layers: int, result: tuple[list[tuple[list[int], list[int]]], list[int]], c: float
+) -> tuple[dict[str, Span], float, float]:
+    built, extras = result
+    placed, rate = _arrange(useful, built, num_layers)
+    if extras:
+        speed = {n.node_id: n.speed for n in useful}
+        _place_greedily(num_layers, placed, speed, [useful[i] for i in sorted(extras)], c)
+        rate, _ = _profile(num_layers, placed, speed)
+    return placed, c, float(rate.min()) if built or extras else 0.0
+
+
+def _plan(useful: Sequence[_Node], num_layers: int, min_replicas: int) -> tuple[dict[str, Span], float]:
+    """plan_spans on already-filtered nodes; also returns the span scale c used.
+
+    A few lane counts are built and the highest bottleneck wins; ties go to the preferred count
+    (proportional spans of moderate length), then to more lanes.
+    """
+    L = num_layers
+    total_cap = sum(n.cap for n in useful)
+    if total_cap < L:
+        raise NoRouteError(f"the grid's memory holds {total_cap} layer slots; the model needs {L}")
+    r_lo, r_pref, r_hi = _lane_counts(useful, L, min_replicas)
+    candidates = sorted({r_lo, r_pref, r_hi, max(r_lo, r_pref - 1), min(r_hi, r_pref + 1), min(r_hi, 2 * r_pref)})
+    best: tuple[tuple[float, bool, int], dict[str, Span], float] | None = None
+    for r in candidates:
+        got = _plan_with_lanes(useful, L, r)
+        if got is None:
+            continue
+        placed, c, bottleneck = got
+        if _DEBUG:
+            print("lanes", r, "bottleneck", bottleneck, "pref" if r == r_pref else "")
+        key = (round(bottleneck, 9), r == r_pref, r)
+        if best is None or key > best[0]:
+            best = (key, placed, c)
+    if best is None:
+        for r in range(min(r_lo, r_pref) - 1, max(0, min(r_lo, r_pref) - 1 - _LANE_RETRIES), -1):
+            got = _plan_with_lanes(useful, L, r)
+            if got is not None:
+                return got[0], got[1]
         groups, extras = _next_fit_by_cap(useful, L)
         built = []
         for g in groups:
@@ -392,14 +419,11 @@ def _plan(useful: Sequence[_Node], num_layers: int, min_replicas: int) -> tuple[
                 extras.extend(g)
             else:
                 built.append((g, lengths))
-        result = (built, extras)
         log.debug("plan_spans: lane packing fell back to memory-first packing (%d lanes)", len(built))
-    built, extras = result
-    placed, _ = _arrange(useful, built, L)
-    if extras:
-        speed = {n.node_id: n.speed for n in useful}
-        _place_greedily(L, placed, speed, [useful[i] for i in sorted(extras)], c)
-    return placed, c
+        c = _water_level([n.speed for n in useful], [1.0] * len(useful), [float(n.cap) for n in useful], float(total_cap))
+        placed, c, _ = _finish(useful, L, (built, extras), c)
+        return placed, c
+    return best[1], best[2]
 
 
 def _validate_spans(model: ModelShape, spans: Mapping[str, Span]) -> None:
