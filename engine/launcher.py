@@ -80,11 +80,22 @@ class LocalCluster:
             preexec_fn=preexec,
         )
 
-    def start_coordinator(self, timeout_s: float = 60.0) -> str:
+    def start_coordinator(self, timeout_s: float = 60.0, port: int = 0) -> str:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.coordinator = self._spawn(
             "coordinator",
-            ["coordinator", "--host", self.host, "--port", "0", "--pack", str(self.pack_dir), "--announce"],
+            [
+                "coordinator",
+                "--host",
+                self.host,
+                "--port",
+                str(port),
+                "--pack",
+                str(self.pack_dir),
+                "--announce",
+                "--db",
+                str(self.log_dir / "registry.sqlite3"),
+            ],
             stdout=subprocess.PIPE,
         )
         deadline = time.monotonic() + timeout_s
@@ -138,6 +149,15 @@ class LocalCluster:
                     if time.monotonic() > deadline:
                         raise
                 await asyncio.sleep(0.2)
+
+    def restart_coordinator(self) -> str:
+        """kill -9 the coordinator and start a new one on the same port (nodes must find it again)."""
+        if self.coordinator is None:
+            raise CoordinatorError("no coordinator to restart")
+        port = int(self.url.rsplit(":", 1)[1])
+        self.coordinator.kill()
+        self.coordinator.wait()
+        return self.start_coordinator(port=port)
 
     def kill_node(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.node_procs[name]

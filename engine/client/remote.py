@@ -67,8 +67,6 @@ class _SessionState:
 
 #: errors after which the route is replaced and the session replayed on the new one
 _FAILOVER_ERRORS = (PeerError, TransportError, SessionError, FragmentError)
-#: how long a failover waits for the coordinator to offer a route without the failed nodes
-ROUTE_WAIT_S = 30.0
 
 
 class RemotePipeline:
@@ -83,10 +81,13 @@ class RemotePipeline:
         name: str = "client",
         ring: bool = True,
         max_failovers: int = 3,
+        route_wait_s: float = 10.0,
     ) -> None:
         self.model_id = model_id
         #: route replacements tried for one step before its error reaches the caller
         self.max_failovers = max_failovers
+        #: how long a failover waits for the coordinator to offer a route without the failed nodes
+        self.route_wait_s = route_wait_s
         self._excluded: set[str] = set()
         self._gone: dict[str, str] = {}
         #: let the route feed each sampled token back to its first hop by itself (one hop fewer per token)
@@ -314,14 +315,16 @@ class RemotePipeline:
             close = wire.Close(state.wire_id, self._hops(), 0)
             with contextlib.suppress(KlusterError):  # frees the healthy hops' caches of the old session
                 await self.peers.send(old[0].peer_id, wire.encode(close))
-        deadline = time.monotonic() + ROUTE_WAIT_S
+        deadline = time.monotonic() + self.route_wait_s
         while True:
             try:
                 self.route = await self._fetch_route()
                 break
-            except NoRouteError:
+            except NoRouteError as exc:
                 if time.monotonic() > deadline:
-                    raise
+                    raise NoRouteError(
+                        f"{cause}, and no replacement came within {self.route_wait_s:g} s: {exc}"
+                    ) from None
                 await asyncio.sleep(0.2)
         state.wire_id = uuid.uuid4().hex
         for key in [k for k in self._arrived if k[0] not in self._live_wire_ids()]:

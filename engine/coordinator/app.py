@@ -5,8 +5,11 @@ host, serves fragment files and tokenizers over HTTP, relays WebRTC offers/answe
 and answers "which nodes should my request go through" with a route.
 
 WebSocket ``/v1/ws`` messages (JSON objects with a ``type``):
-  peer -> coord   hello {role: node|client, name}      first message, within ``hello_timeout_s``
-  coord -> peer   welcome {peer_id, ice_servers}
+  peer -> coord   hello {role: node|client, name, resume?: {peer_id, token}, hosting?: {model_id, fragment}}
+                  first message, within ``hello_timeout_s``; ``resume`` keeps the peer id across a
+                  reconnect, ``hosting`` keeps a node's loaded fragment
+  coord -> peer   welcome {peer_id, resume_token, ice_servers}
+  coord -> client node_gone {peer_id, name}  a node's socket closed: routes through it are broken
   coord -> node   assign {model_id, manifest, files_url}
   node -> coord   ready {model_id, fragment} | failed {message}
   peer -> coord   signal {to, data}           relayed as signal {from, data}
@@ -44,8 +47,9 @@ class CoordinatorConfig:
     db_path: str = ":memory:"
     #: fragment packs (from ``kluster fragments pack``) this coordinator serves
     packs: tuple[Path, ...] = ()
-    #: WebSocket ping interval; a peer missing pongs is dropped
-    heartbeat_s: float = 5.0
+    #: WebSocket ping interval; a peer whose pong is late by half of it is dropped (so a dead or
+    #: partitioned node is noticed within ~1.5x this and its clients fail over)
+    heartbeat_s: float = 3.0
     #: largest WebSocket message accepted from a peer (SDP blobs are a few KB)
     max_ws_message: int = 256 * 1024
     hello_timeout_s: float = 10.0
@@ -76,6 +80,8 @@ class Coordinator:
         ]
         self._sockets: dict[str, web.WebSocketResponse] = {}
         self._roles: dict[str, str] = {}
+        #: proof of identity for peers that reconnect (issued in each welcome)
+        self._resume_tokens: dict[str, str] = {}
         self._runner: web.AppRunner | None = None
         self._closed = False
 
@@ -183,14 +189,27 @@ class Coordinator:
             return ws
         role = str(hello["role"])
         name = str(hello.get("name") or role)[:64]
-        peer_id = f"{role[0]}-{secrets.token_hex(6)}"
+        peer_id = self._resumed_id(hello.get("resume")) or f"{role[0]}-{secrets.token_hex(6)}"
+        resumed = peer_id in self._resume_tokens
+        self._resume_tokens[peer_id] = secrets.token_urlsafe(16)
         self._sockets[peer_id] = ws
         self._roles[peer_id] = role
-        await ws.send_json({"type": "welcome", "peer_id": peer_id, "ice_servers": list(self.config.ice_servers)})
-        log.info("%s %s connected as %s", role, name, peer_id)
+        await ws.send_json(
+            {
+                "type": "welcome",
+                "peer_id": peer_id,
+                "resume_token": self._resume_tokens[peer_id],
+                "ice_servers": list(self.config.ice_servers),
+            }
+        )
+        log.info("%s %s %s as %s", role, name, "reconnected" if resumed else "connected", peer_id)
         if role == "node":
-            self.registry.add_node(peer_id, name)
-            await self._assign(peer_id, ws)
+            if resumed:
+                self.registry.set_online(peer_id)
+            else:
+                self.registry.add_node(peer_id, name)
+            if not await self._take_back(peer_id, hello.get("hosting")):
+                await self._assign(peer_id, ws)
         try:
             async for msg in ws:
                 if msg.type != WSMsgType.TEXT:
@@ -210,6 +229,31 @@ class Coordinator:
             log.info("%s %s (%s) disconnected", role, name, peer_id)
         return ws
 
+    def _resumed_id(self, resume: Any) -> str | None:
+        """A reconnecting peer keeps its id if it proves it held it (the token from its last welcome)."""
+        if not isinstance(resume, dict):
+            return None
+        peer_id, token = resume.get("peer_id"), resume.get("token")
+        known = self._resume_tokens.get(str(peer_id))
+        if known is None or not isinstance(token, str) or not secrets.compare_digest(known, token):
+            return None
+        if peer_id in self._sockets:  # still connected: a second socket may not take over the id
+            return None
+        return str(peer_id)
+
+    async def _take_back(self, peer_id: str, hosting: Any) -> bool:
+        """A node that already holds a fragment of a served model keeps it (no reload after a blip)."""
+        if not isinstance(hosting, dict):
+            return False
+        pack = self.packs.get(str(hosting.get("model_id")))
+        index = hosting.get("fragment")
+        if pack is None or not isinstance(index, int) or not 0 <= index < len(pack.manifests):
+            return False
+        self.registry.assign(peer_id, pack.model_id, index)
+        self.registry.set_ready(peer_id, True)
+        log.info("node %s still hosts %s fragment %d", peer_id, pack.model_id, index)
+        return True
+
     async def _broadcast_to_clients(self, message: dict[str, Any]) -> None:
         """Tell every connected client at once (a client whose route used a lost node fails over)."""
         for peer_id, ws in list(self._sockets.items()):
@@ -225,6 +269,9 @@ class Coordinator:
             log.warning("node %s joined but no model is served", peer_id)
             return
         manifest = self.packs[slot.model_id].manifests[slot.index]
+        log.info(
+            "assigning %s fragment %d (layers %d-%d) to %s", slot.model_id, slot.index, slot.start, slot.end, peer_id
+        )
         self.registry.assign(peer_id, slot.model_id, slot.index)
         await ws.send_json(
             {
@@ -247,7 +294,11 @@ class Coordinator:
             capability = data.get("capability")
             if isinstance(capability, dict):
                 self.registry.set_info(peer_id, json.dumps(capability))
-            self.registry.set_ready(peer_id, True)
+            # Record what the node actually loaded: after a reconnect mid-load it may differ from
+            # the latest assignment, and a route must never send layers to a node without them.
+            if not await self._take_back(peer_id, {"model_id": data.get("model_id"), "fragment": data.get("fragment")}):
+                self.registry.set_ready(peer_id, False)
+                log.warning("node %s reports a fragment this coordinator does not serve", peer_id)
             log.info("node %s ready with %s fragment %s", peer_id, data.get("model_id"), data.get("fragment"))
         elif kind == "failed" and role == "node":
             self.registry.set_ready(peer_id, False)

@@ -66,6 +66,9 @@ class Registry:
     def touch(self, peer_id: str) -> None:
         self._db.execute("UPDATE nodes SET last_seen = ? WHERE peer_id = ?", (time.time(), peer_id))
 
+    def set_online(self, peer_id: str) -> None:
+        self._db.execute("UPDATE nodes SET online = 1, last_seen = ? WHERE peer_id = ?", (time.time(), peer_id))
+
     def set_offline(self, peer_id: str) -> None:
         self._db.execute(
             "UPDATE nodes SET online = 0, ready = 0, last_seen = ? WHERE peer_id = ?", (time.time(), peer_id)

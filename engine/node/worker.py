@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import torch
 
-from engine.errors import FragmentError, KlusterError, PeerError, ProtocolError
+from engine.errors import CoordinatorError, FragmentError, KlusterError, PeerError, ProtocolError
 from engine.fragments import torch_thread
 from engine.fragments.executor import ExecutorConfig, FragmentExecutor
 from engine.fragments.manifest import Manifest, parse_manifest
@@ -78,10 +78,28 @@ class Node:
         return self.signaling.peer_id
 
     async def run(self) -> None:
-        """Serve until the coordinator connection closes or ``shutdown`` is called."""
+        """Serve until ``shutdown``; reconnect to the coordinator (with backoff) when its socket drops.
+
+        The first connection must succeed (a wrong URL is a user error, reported at once); later
+        drops are network blips or coordinator restarts, so the node keeps its fragment and its
+        WebRTC links, asks to keep its peer id, and goes on serving.
+        """
         if self.config.threads:
             await torch_thread.run(torch.set_num_threads, self.config.threads)
         await self.signaling.connect()
+        self._start_peers()
+        log.info("node %s registered as %s", self.config.name, self.peer_id)
+        try:
+            while not self._stopping:
+                await self.signaling.run()
+                if self._stopping:
+                    break
+                log.warning("lost the coordinator; reconnecting")
+                await self._reconnect()
+        finally:
+            await self.shutdown()
+
+    def _start_peers(self) -> None:
         self.peers = PeerManager(
             self.peer_id,
             self.signaling.send_signal,
@@ -90,16 +108,39 @@ class Node:
             connect_timeout=self.config.connect_timeout_s,
         )
         self.signaling.peers = self.peers
-        log.info("node %s registered as %s", self.config.name, self.peer_id)
-        try:
-            await self.signaling.run()
-        finally:
-            await self.shutdown()
+
+    async def _reconnect(self) -> None:
+        delay = 0.5
+        old_id = self.peer_id
+        while not self._stopping:
+            try:
+                hosting = (
+                    {"model_id": self.manifest.model_id, "fragment": self.manifest.index} if self.manifest else None
+                )
+                await self.signaling.connect({"hosting": hosting} if hosting else None)
+                break
+            except CoordinatorError as exc:
+                log.info("coordinator still unreachable (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        if self.peer_id != old_id:  # the coordinator gave us a new identity: old links are useless
+            log.info("reconnected as %s (was %s)", self.peer_id, old_id)
+            if self.peers is not None:
+                await self.peers.shutdown()
+            self._start_peers()
+        else:
+            self.signaling.peers = self.peers
 
     async def _on_control(self, data: dict[str, Any]) -> None:
         if data.get("type") == "assign":
             if self._load_task is not None:
-                log.warning("ignoring a second assignment")
+                # Already loading or serving a fragment (e.g. reassigned after a reconnect during
+                # the load): keep it; our ``ready`` tells the coordinator what we really hold.
+                log.info("keeping the fragment already assigned; ignoring a new assignment")
+                if self._load_task.done() and self.manifest is not None:
+                    await self.signaling.send(
+                        {"type": "ready", "model_id": self.manifest.model_id, "fragment": self.manifest.index}
+                    )
                 return
             self._load_task = asyncio.create_task(self._load(data), name="load-fragment")
 

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 OnControl = Callable[[dict[str, Any]], Awaitable[None]]
 
+#: WebSocket ping interval towards the coordinator (a pong late by half of it drops the socket)
+HEARTBEAT_S = 3.0
+
 
 def ws_url(base: str) -> str:
     """``http://host:port`` -> ``ws://host:port/v1/ws`` (https -> wss)."""
@@ -66,14 +69,23 @@ class SignalingClient:
         self.ice_servers: list[RTCIceServer] = []
         self.peers: PeerManager | None = None
         self.closed = asyncio.Event()
+        self._resume_token = ""
 
-    async def connect(self) -> str:
-        """Open the WebSocket and say hello; returns our peer id. Fails fast with a one-line error."""
+    async def connect(self, extra: dict[str, Any] | None = None) -> str:
+        """Open the WebSocket and say hello; returns our peer id. Fails fast with a one-line error.
+
+        Called again after the socket closed, it asks to keep the previous peer id (the coordinator
+        grants it with the token it issued), so routes and WebRTC links through us stay valid.
+        """
+        await self._close_socket()
         timeout = aiohttp.ClientTimeout(total=None, connect=self._connect_timeout, sock_connect=self._connect_timeout)
         self._session = aiohttp.ClientSession(timeout=timeout)
+        hello: dict[str, Any] = {"type": "hello", "role": self.role, "name": self.name, **(extra or {})}
+        if self.peer_id and self._resume_token:
+            hello["resume"] = {"peer_id": self.peer_id, "token": self._resume_token}
         try:
-            self._ws = await self._session.ws_connect(self._url, heartbeat=5.0, max_msg_size=1 << 20)
-            await self._ws.send_json({"type": "hello", "role": self.role, "name": self.name})
+            self._ws = await self._session.ws_connect(self._url, heartbeat=HEARTBEAT_S, max_msg_size=1 << 20)
+            await self._ws.send_json(hello)
             welcome = await asyncio.wait_for(self._ws.receive_json(), self._connect_timeout)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError, TypeError) as exc:
             await self.shutdown()
@@ -84,7 +96,10 @@ class SignalingClient:
             await self.shutdown()
             raise CoordinatorError(f"{self.coordinator} did not answer like a Kluster coordinator")
         self.peer_id = str(welcome["peer_id"])
+        token = welcome.get("resume_token")
+        self._resume_token = token if isinstance(token, str) else ""
         self.ice_servers = ice_servers_from(welcome.get("ice_servers"))
+        self.closed.clear()
         return self.peer_id
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -149,12 +164,16 @@ class SignalingClient:
         except (aiohttp.ClientError, OSError) as exc:
             raise CoordinatorError(f"coordinator request {path} failed: {exc}") from None
 
-    async def shutdown(self) -> None:
+    async def _close_socket(self) -> None:
         with contextlib.suppress(Exception):
             if self._ws is not None:
                 await self._ws.close()
         if self._session is not None:
             await self._session.close()
+        self._ws, self._session = None, None
+
+    async def shutdown(self) -> None:
+        await self._close_socket()
         self.closed.set()
 
 

@@ -164,7 +164,7 @@ def test_node_gone_before_the_route_is_used(cluster_factory: Callable[[int], Loc
         from engine.client.generation import GenerationRequest, generate_events
         from engine.models.tokenizer import ModelTokenizer
 
-        remote = RemotePipeline(cluster.url, "smollm2-135m", step_timeout_s=20)
+        remote = RemotePipeline(cluster.url, "smollm2-135m", step_timeout_s=20, route_wait_s=3)
         try:
             route = await remote.start()
             victim = next(n for n, p in cluster.node_procs.items() if route[1].name == n)
@@ -178,6 +178,7 @@ def test_node_gone_before_the_route_is_used(cluster_factory: Callable[[int], Loc
                     pass
             assert loop.time() - t0 < 15
             assert "\n" not in str(err.value)
+            assert "left the grid" in str(err.value) and "layers 10-19" in str(err.value)
             # The coordinator no longer offers a route through the dead node.
             with pytest.raises(NoRouteError, match="layers 10-19"):
                 await remote.signaling.http_json("/v1/route", {"model": "smollm2-135m"})
