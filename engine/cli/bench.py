@@ -54,14 +54,20 @@ async def _decode_stats(pipeline: Any, prompt_ids: list[int], tokens: int) -> di
     return dict(done["stats"])
 
 
-def _transformers_rate(folder: Path, prompt_ids: list[int], tokens: int) -> float | None:
+def _load_transformers(folder: Path) -> Any:
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
         return None
     import torch
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _transformers_rate(model: Any, prompt_ids: list[int], tokens: int) -> float:
+    """Decode tokens/s of transformers ``generate`` (a prefill-only run is subtracted)."""
+    import torch
+
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -92,39 +98,39 @@ def run_pipeline(args: argparse.Namespace) -> int:
     prompt_ids = ModelTokenizer(folder).encode(BENCH_PROMPT)
     log = (lambda *_: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
 
-    log("measuring our local engine ...")
-    local = LocalPipeline(torch_thread.call(load_model, folder))
-    local_rates = [
-        float(aio.run(_decode_stats(local, prompt_ids, args.tokens))["decode_tok_s"]) for _ in range(args.repeats)
-    ]
-    aio.run(local.shutdown())
-    del local
-
-    log("measuring transformers generate ...")
-    hf_rates = [torch_thread.call(_transformers_rate, folder, prompt_ids, args.tokens) for _ in range(args.repeats)]
-
     log(f"starting a coordinator and {args.nodes} nodes ...")
     cluster = LocalCluster(default_pack(args.nodes), args.nodes, cache_dir=paths.cache_dir())
+    local_rates: list[float] = []
+    hf_rates: list[float] = []
+    dist_runs: list[dict[str, Any]] = []
+
+    async def measure() -> None:
+        """Runs of the three engines interleaved, so a noisy phase of a shared machine hits all alike."""
+        await cluster.wait_for_route(DEFAULT_MODEL_ID)
+        local = LocalPipeline(await torch_thread.run(load_model, folder))
+        hf_model = await torch_thread.run(_load_transformers, folder)
+        remote = RemotePipeline(cluster.url, DEFAULT_MODEL_ID)
+        try:
+            await remote.start()
+            await _decode_stats(remote, prompt_ids, 4)  # warm-up: opens the WebRTC links
+            for i in range(args.repeats):
+                log(f"round {i + 1} of {args.repeats}: local, transformers, {args.nodes}-node route ...")
+                local_rates.append(float((await _decode_stats(local, prompt_ids, args.tokens))["decode_tok_s"]))
+                if hf_model is not None:
+                    hf_rates.append(await torch_thread.run(_transformers_rate, hf_model, prompt_ids, args.tokens))
+                dist_runs.append(await _decode_stats(remote, prompt_ids, args.tokens))
+        finally:
+            await remote.shutdown()
+            await local.shutdown()
+
     try:
-        url = cluster.start()
-
-        async def distributed() -> list[dict[str, Any]]:
-            await cluster.wait_for_route(DEFAULT_MODEL_ID)
-            remote = RemotePipeline(url, DEFAULT_MODEL_ID)
-            try:
-                await remote.start()
-                await _decode_stats(remote, prompt_ids, 4)  # warm-up: opens the WebRTC links
-                return [await _decode_stats(remote, prompt_ids, args.tokens) for _ in range(args.repeats)]
-            finally:
-                await remote.shutdown()
-
-        log("measuring the distributed route ...")
-        dist_runs = aio.run(distributed())
+        cluster.start()
+        aio.run(measure())
     finally:
         cluster.stop()
 
     local_best = max(local_rates)
-    hf_best = max((r for r in hf_rates if r is not None), default=None)
+    hf_best = max(hf_rates, default=None)
     best_run = max(dist_runs, key=lambda r: float(r["decode_tok_s"]))
     dist_best = float(best_run["decode_tok_s"])
     hops = [{"compute_ms": h["compute_ms"], "queue_ms": h["queue_ms"]} for h in best_run["hops"]]
