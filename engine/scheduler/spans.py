@@ -12,14 +12,18 @@ layers once as a chain. Inside a lane span lengths are proportional to speed (k_
 so every hop of the chain is equally fast and the lane adds S_lane/L to every layer; summing lanes
 gives S/L whatever the grouping. Lanes make coverage and replication structural (R lanes = R full
 copies) and, with lanes of equal total speed, make span length proportional to speed across the
-whole grid. Only memory caps and integer rounding make a lane uneven; those parts are staggered
-across lanes, a few lane counts are tried (more lanes = longer spans = fewer hops and smaller
-rounding error, until memory caps bind), and on small grids a local search then moves single spans
-while that raises the bottleneck (or, at equal bottleneck, evens out the weak layers).
+whole grid. Only memory caps and integer rounding make a lane uneven. Against that: several lane
+counts are tried (more lanes = longer spans = fewer hops and smaller rounding error, until memory
+caps bind) and several groupings on small grids, uneven lanes are staggered so their weak parts
+fall on different layers, the throughput-blind even split competes too (so the result is never
+worse than it), and on small grids a local search then moves single spans while that raises the
+bottleneck (or, at equal bottleneck, evens out the weak layers), including sideways moves that
+tight-memory grids need.
 
 ``rebalance`` keeps an existing plan unless another is clearly (``min_gain``) better, and then
-prefers the plan that moves nobody: joiners take the weakest windows, Petals-style, and a hole
-left by a departed node is filled by moving as few spare nodes as possible.
+prefers the plan that moves the fewest nodes: joiners take the weakest windows, Petals-style, a
+hole left by a departed node is filled by moving spare nodes, and a few single-node moves are
+tried before falling back to the fresh plan.
 
 Everything here is pure and deterministic (ties are broken by node_id; input order is irrelevant).
 """
@@ -30,7 +34,7 @@ import functools
 import heapq
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,15 +52,23 @@ CAPPED_SHARE = 0.1
 #: Up to this many joiners are placed one by one in the weakest windows; a larger batch that can
 #: cover the model by itself gets lanes of its own (about as good on a large batch, far cheaper).
 GREEDY_JOIN_LIMIT = 32
-#: Local search runs on grids up to this many nodes, for at most this many single-node re-placements.
+#: Local search runs on grids up to this many nodes, for at most this many node evaluations each
+#: pass; the plateau walk (sideways moves) on grids up to WALK_MAX_NODES, for WALK_STEPS moves.
 POLISH_MAX_NODES = 128
 POLISH_MAX_EVALS = 600
 _POLISH_ROUNDS = 8
 WALK_MAX_NODES = 32
 WALK_STEPS = 300
+_WALK_PATIENCE = 3
+#: Spans proportional to speed (the preferred lane count, lanes of even speed) are kept unless
+#: another plan's bottleneck is better by more than this share: in exact arithmetic they tie, and
+#: proportional spans are what operators can reason about.
+PROPORTIONAL_SLACK = 0.005
 #: Lane counts tried exhaustively when the feasible range is this small, else by geometric steps.
-_EXHAUSTIVE_LANE_COUNTS = 16
+_EXHAUSTIVE_LANE_COUNTS = 8
 _NO_LANES = -1
+#: Up to this many uneven lanes are laid out one by one against the running per-layer total.
+_SCORED_LANES = 256
 #: rebalance moves at most this many placed nodes (and at most half of the grid) before it
 #: prefers the fresh plan; each move is chosen among this many donor candidates.
 MAX_REBALANCE_MOVES = 16
@@ -119,7 +131,7 @@ def _profile(
     size = num_layers + 1
     rate = np.bincount(a, weights=r, minlength=size) - np.bincount(a + k, weights=r, minlength=size)
     count = np.bincount(a, minlength=size) - np.bincount(a + k, minlength=size)
-    return np.cumsum(rate)[:num_layers], np.cumsum(count)[:num_layers]
+    return np.cumsum(rate, dtype=np.float64)[:num_layers], np.cumsum(count)[:num_layers]
 
 
 def _bottleneck_of(rate: np.ndarray, count: np.ndarray) -> float:
@@ -231,7 +243,7 @@ def _lane_lengths(grid: _Grid, lane: np.ndarray, lanes: int, num_layers: int) ->
     lo = np.zeros(lanes)
     hi = np.zeros(lanes)
     np.maximum.at(hi, ln, cp / s)
-    for _ in range(64):
+    for _ in range(48):
         mid = 0.5 * (lo + hi)
         enough = np.bincount(ln, weights=np.clip(mid[ln] * s, 1.0, cp), minlength=lanes) >= L
         hi = np.where(enough, mid, hi)
@@ -293,16 +305,21 @@ def _arrange(grid: _Grid, lane: np.ndarray, length: np.ndarray, lanes: int, num_
     # Ascending order for every lane first (final for even lanes): exclusive prefix sums of lengths.
     excl = np.cumsum(k) - k
     start[order] = excl - excl[first][np.repeat(np.arange(first.size), last - first)]
+    if int(uneven.sum()) > _SCORED_LANES:
+        # Many lanes: scoring each against the running total costs more than it gains; mirroring
+        # every other uneven lane end-for-end staggers them well enough.
+        flip = np.zeros(first.size, dtype=bool)
+        flip[np.flatnonzero(uneven)[1::2]] = True
+        mirror = np.repeat(flip, last - first)
+        start[order[mirror]] = num_layers - start[order[mirror]] - k[mirror]
+        return start
     total = np.zeros(num_layers) + float(rmax[~uneven].sum())
     for f, e in zip(first[uneven].tolist(), last[uneven].tolist(), strict=True):
-        best = None
+        scored = []
         for members in (order[f:e], order[f:e][::-1]):
             prof = total + np.repeat(grid.speed[members] / length[members], length[members])
-            score = (float(prof.min()), -float(np.dot(prof, prof)))
-            if best is None or score > best[0]:
-                best = (score, members, prof)
-        assert best is not None  # two candidates were scored just above
-        _, members, total = best
+            scored.append(((float(prof.min()), -float(np.dot(prof, prof))), members, prof))
+        _, members, total = scored[1] if scored[1][0] > scored[0][0] else scored[0]
         start[members] = np.cumsum(length[members]) - length[members]
     return start
 
@@ -485,7 +502,10 @@ def _walk(grid: _Grid, num_layers: int, start: np.ndarray, length: np.ndarray, f
     best_score = moves.score()
     best_plan = (start.copy(), length.copy())
     recent: dict[int, list[tuple[int, int]]] = {}
+    last_gain = 0
     for step in range(steps):
+        if step - last_gain > _WALK_PATIENCE * grid.n:
+            break  # several sweeps over every node without a new best: stuck
         i = step % grid.n
         key_min, soft, starts, ks, here = moves.options(i)
         allowed = key_min >= moves.score()[0]
@@ -501,7 +521,7 @@ def _walk(grid: _Grid, num_layers: int, start: np.ndarray, length: np.ndarray, f
         moves.move(i, int(starts[pick]), int(ks[pick]))
         score = moves.score()
         if score[0] > best_score[0] or (score[0] == best_score[0] and score[1] < best_score[1] * (1.0 - 1e-6)):
-            best_score, best_plan = score, (start.copy(), length.copy())
+            best_score, best_plan, last_gain = score, (start.copy(), length.copy()), step
     start[:], length[:] = best_plan
 
 
@@ -539,18 +559,19 @@ def _plan_lanes(
     c = _water_level(grid.speed, grid.cap, float(lanes * L))
     proportional = np.clip(c * grid.speed, 1.0, grid.cap.astype(np.float64))
     if lane is not None:
-        packings = [lane]
+        packings: list[Callable[[], np.ndarray]] = [lambda: lane]
     else:
-        packings = [_lpt(proportional, lanes, L), _lpt(grid.cap.astype(np.float64), lanes, L)]
+        packings = [lambda: _lpt(proportional, lanes, L), lambda: _lpt(grid.cap.astype(np.float64), lanes, L)]
         if thorough:
             packings += [
-                _contiguous(proportional, lanes),
-                _contiguous(grid.speed, lanes),
-                _contiguous(np.ones(grid.n), lanes),
-                _snake(grid.n, lanes),
+                lambda: _contiguous(proportional, lanes),
+                lambda: _contiguous(grid.speed, lanes),
+                lambda: _contiguous(np.ones(grid.n), lanes),
+                lambda: _snake(grid.n, lanes),
             ]
     best: tuple[float, np.ndarray, np.ndarray] | None = None
-    for assignment in packings:
+    for packing in packings:
+        assignment = packing()
         length = _lane_lengths(grid, assignment, lanes, L)
         if length is None:
             continue
@@ -560,18 +581,43 @@ def _plan_lanes(
             _place_greedily(grid, L, start, length, extras, c)
         if not thorough:
             return start, length, c
-        value = round(_bottleneck_of(*_profile(L, grid.speed, start, length)), 9)
-        if best is None or value > best[0]:
+        value = _bottleneck_of(*_profile(L, grid.speed, start, length))
+        # The first feasible packing keeps spans proportional grid-wide; another one must be
+        # clearly better to replace it (equal in exact arithmetic, they differ by rounding luck).
+        if best is None or value > best[0] * (1.0 + PROPORTIONAL_SLACK):
             best = (value, start, length)
     return None if best is None else (best[1], best[2], c)
+
+
+def _even(grid: _Grid, num_layers: int, lanes: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The throughput-blind baseline: nodes in node_id order dealt round-robin to ``lanes`` lanes,
+    each lane cut into equal spans (the first L % n one layer longer). None if a span does not fit
+    its node's memory or a lane is empty; nodes beyond the L-th of a lane get no span."""
+    order = sorted(range(grid.n), key=lambda i: grid.ids[i])
+    start = np.zeros(grid.n, dtype=np.int64)
+    length = np.zeros(grid.n, dtype=np.int64)
+    for j in range(lanes):
+        members = order[j::lanes][:num_layers]
+        if not members:
+            return None
+        base, extra = divmod(num_layers, len(members))
+        pos = 0
+        for t, i in enumerate(members):
+            k = base + (1 if t < extra else 0)
+            if k > grid.cap[i]:
+                return None
+            start[i], length[i] = pos, k
+            pos += k
+    return start, length
 
 
 def _plan(grid: _Grid, num_layers: int, min_replicas: int) -> tuple[np.ndarray, np.ndarray, float]:
     """plan_spans on a grid: (start, length, span scale c) per grid node.
 
     Lane counts are searched around the preferred one (all of them on small grids, geometric
-    steps on large ones); the highest bottleneck wins, ties going to the preferred count (spans
-    proportional to speed), then to more lanes (longer spans). Small grids are then polished.
+    steps on large ones); the preferred count (spans proportional to speed) is kept unless another
+    is better by more than ``PROPORTIONAL_SLACK``, then the highest bottleneck wins, ties going to
+    more lanes (longer spans). Small grids are then polished.
     """
     L = num_layers
     total_cap = int(grid.cap.sum())
@@ -605,12 +651,21 @@ def _plan(grid: _Grid, num_layers: int, min_replicas: int) -> tuple[np.ndarray, 
                 r, best_here = nxt, value
         attempt(r_lo)
         attempt(r_hi)
-    scored = [(round(v[3], 9), r == r_pref, r) for r, v in results.items() if v is not None]
-    if scored:
-        r = max(scored)[2]
-        got = results[r]
-        assert got is not None  # filtered just above
-        start, length, c = got[0].copy(), got[1].copy(), got[2]
+    # The preferred count (proportional spans) unless another is clearly better; then the best,
+    # ties to more lanes. The even split competes last and wins only if strictly better.
+    feasible = {r: v for r, v in results.items() if v is not None}
+    chosen: tuple[np.ndarray, np.ndarray, float, float] | None = None
+    if feasible:
+        top = max(feasible, key=lambda r: (round(feasible[r][3], 9), r))
+        keep_pref = r_pref in feasible and feasible[top][3] <= feasible[r_pref][3] * (1.0 + PROPORTIONAL_SLACK)
+        chosen = feasible[r_pref] if keep_pref else feasible[top]
+    even = _even(grid, L, min(min_replicas, grid.n)) if grid.n <= min_replicas * L else None
+    if even is not None:
+        value = _bottleneck_of(*_profile(L, grid.speed, even[0], even[1]))
+        if chosen is None or value > chosen[3]:
+            chosen = (even[0], even[1], _water_level(grid.speed, grid.cap, float(L)), value)
+    if chosen is not None:
+        start, length, c = chosen[0].copy(), chosen[1].copy(), chosen[2]
     else:
         fallback = None
         for r in range(min(r_lo, r_hi) - 1, 0, -1):  # fewer copies than asked, but proportional lanes
@@ -624,8 +679,9 @@ def _plan(grid: _Grid, num_layers: int, min_replicas: int) -> tuple[np.ndarray, 
         if fallback is None:  # unreachable: next-fit lanes each hold >= L layers
             raise NoRouteError(f"could not pack the model's {L} layers into the grid's memory")
         start, length, c = fallback
-    if grid.n <= POLISH_MAX_NODES:
-        _, count = _profile(L, grid.speed, start, length)
+    rate, count = _profile(L, grid.speed, start, length)
+    at_bound = float(rate.min()) >= float(grid.speed.sum()) / L * (1.0 - 1e-9)  # nothing to gain
+    if grid.n <= POLISH_MAX_NODES and not at_bound:
         floor = min(min_replicas, int(count.min()))
         _polish(grid, L, start, length, floor, POLISH_MAX_EVALS)
         if grid.n <= WALK_MAX_NODES:
@@ -676,6 +732,21 @@ def plan_spans(
         raise NoRouteError(f"no node can hold a layer of the model ({model.bytes_per_layer} bytes each)")
     start, length, _ = _plan(grid, model.num_layers, min_replicas)
     return _to_dict(grid, start, length)
+
+
+def even_spans(model: ModelShape, nodes: Sequence[NodeCapacity], *, replicas: int = 2) -> dict[str, tuple[int, int]]:
+    """The naive baseline planners are measured against: equal spans, blind to speed.
+
+    Useful nodes in node_id order are dealt round-robin to ``replicas`` lanes and each lane cuts the
+    model into equal consecutive spans. Raises ``NoRouteError`` when a span does not fit its node's
+    memory (the even split needs more memory than the grid has where it matters).
+    """
+    _check_min_replicas(replicas)
+    grid = _grid(model, nodes)
+    got = _even(grid, model.num_layers, replicas) if grid.n >= replicas else None
+    if got is None:
+        raise NoRouteError(f"an even split into {replicas} copies does not fit these nodes' memory")
+    return _to_dict(grid, *got)
 
 
 def bottleneck_throughput(
