@@ -166,6 +166,28 @@ class FragmentExecutor:
             self.step_sync, session, pos, tensor, max_tokens, sampling, time.perf_counter(), chunks
         )
 
+    def warm_up(self, tokens: int = 8, steps: int = 3) -> None:
+        """Run a throwaway prefill and a few decode steps (on the torch thread) before serving.
+
+        The first passes through a freshly loaded model pay one-off costs (OpenMP team start,
+        allocator growth, cold caches); a user's first request should not.
+        """
+        cfg = self.model.cfg
+        gen = torch.Generator().manual_seed(0)
+
+        def feed(n: int) -> torch.Tensor:
+            if self.model.has_embed:
+                return torch.randint(0, cfg.vocab_size, (n,), generator=gen)
+            return torch.randn(n, cfg.hidden_size, generator=gen) * 0.1
+
+        session = "__warm_up__"
+        try:
+            self.step_sync(session, 0, feed(tokens), tokens + steps)
+            for i in range(steps):
+                self.step_sync(session, tokens + i, feed(1), tokens + steps)
+        finally:
+            self.close_session(session)
+
     def close_session(self, session: str) -> bool:
         return self._sessions.pop(session, None) is not None
 

@@ -155,7 +155,9 @@ class Node:
             capability = await capability_report_async(
                 model.cfg, device=self.config.device, seconds=self.config.benchmark_s
             )
-            self.executor = FragmentExecutor(model, ExecutorConfig(kv_budget_bytes=self.config.kv_budget_mb << 20))
+            executor = FragmentExecutor(model, ExecutorConfig(kv_budget_bytes=self.config.kv_budget_mb << 20))
+            await torch_thread.run(executor.warm_up)
+            self.executor = executor
             self.manifest = manifest
             await self.signaling.send(
                 {"type": "ready", "model_id": manifest.model_id, "fragment": manifest.index, "capability": capability}

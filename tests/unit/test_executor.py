@@ -368,3 +368,11 @@ async def test_chunked_replay_rebuilds_the_exact_session_state(whole: FragmentMo
     assert torch.equal(torch.cat(parts, 0), whole_replay)
     with pytest.raises(ProtocolError, match="do not add up"):
         await mid.step("c", 0, x, 32, None, (1, 2))
+
+
+async def test_warm_up_leaves_no_session_behind(whole: FragmentModel, middle: FragmentModel) -> None:
+    for model in (whole, middle):
+        ex = FragmentExecutor(model)
+        ex.warm_up()
+        assert ex.sessions == 0
+        assert ex.reserved_bytes == 0
