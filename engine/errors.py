@@ -59,6 +59,12 @@ class SessionError(KlusterError):
     code = "bad_session"
 
 
+class SessionLostError(SessionError):
+    """A node no longer holds a session's state (it restarted, or the session expired): replayable."""
+
+    code = "session_lost"
+
+
 class CoordinatorError(KlusterError):
     """The coordinator is unreachable or answered with an error."""
 
@@ -92,6 +98,7 @@ def error_for_code(code: str | None, message: str) -> KlusterError:
         FragmentError,
         ProtocolError,
         CapacityError,
+        SessionLostError,
         SessionError,
         CoordinatorError,
         NoRouteError,

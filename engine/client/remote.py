@@ -28,7 +28,7 @@ from engine.errors import (
     KlusterError,
     NoRouteError,
     PeerError,
-    SessionError,
+    SessionLostError,
     TransportError,
     error_for_code,
 )
@@ -66,7 +66,7 @@ class _SessionState:
 
 
 #: errors after which the route is replaced and the session replayed on the new one
-_FAILOVER_ERRORS = (PeerError, TransportError, SessionError, FragmentError)
+_FAILOVER_ERRORS = (PeerError, TransportError, SessionLostError, FragmentError)
 
 
 class RemotePipeline:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.errors import CapacityError, ProtocolError, SessionError
+from engine.errors import CapacityError, ProtocolError, SessionError, SessionLostError
 from engine.fragments import torch_thread
 from engine.models.kv_cache import KVCache
 from engine.models.llama import FragmentModel
@@ -131,7 +131,7 @@ class FragmentExecutor:
             raise SessionError(f"session {session} exceeds its declared {limit} tokens")
         if state is None:
             if pos != 0:
-                raise SessionError(f"unknown session {session} (expired, or this node restarted)")
+                raise SessionLostError(f"unknown session {session} (expired, or this node restarted)")
             state = self._open(session, max_tokens)
         if pos != state.cache.length:
             raise SessionError(f"session {session}: got position {pos}, expected {state.cache.length}")

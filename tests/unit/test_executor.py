@@ -376,3 +376,15 @@ async def test_warm_up_leaves_no_session_behind(whole: FragmentModel, middle: Fr
         ex.warm_up()
         assert ex.sessions == 0
         assert ex.reserved_bytes == 0
+
+
+async def test_lost_session_is_its_own_error(executor: FragmentExecutor) -> None:
+    """Only a session the node no longer holds is replayable elsewhere; a context overrun is not."""
+    from engine.errors import SessionLostError, error_for_code
+
+    with pytest.raises(SessionLostError):
+        await executor.step("never-opened", 3, ids(1), 32)
+    with pytest.raises(SessionError) as overrun:
+        await executor.step("long", 0, ids(*range(10)), 8)
+    assert not isinstance(overrun.value, SessionLostError)
+    assert isinstance(error_for_code("session_lost", "x"), SessionLostError)
