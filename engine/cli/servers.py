@@ -40,6 +40,12 @@ def register(sub: Any) -> None:
     n.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     n.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     n.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        help="on SIGTERM/Ctrl-C, seconds to let live sessions finish before exiting (default 60)",
+    )
+    n.add_argument(
         "--benchmark-seconds",
         type=float,
         default=1.0,
@@ -123,6 +129,12 @@ def run_node(args: argparse.Namespace) -> int:
             done, _ = await asyncio.wait({serve, stop}, return_when=asyncio.FIRST_COMPLETED)
             if serve in done:
                 serve.result()  # re-raise a failure to connect
+            else:
+                # First signal: drain (no new sessions, live ones finish); a second one stops at once.
+                stop = asyncio.create_task(_until_signalled())
+                drain = asyncio.create_task(node.drain(args.drain_timeout))
+                await asyncio.wait({drain, stop}, return_when=asyncio.FIRST_COMPLETED)
+                drain.cancel()
         finally:
             stop.cancel()
             await node.shutdown()

@@ -11,7 +11,7 @@ WebSocket ``/v1/ws`` messages (JSON objects with a ``type``):
   coord -> peer   welcome {peer_id, resume_token, ice_servers}
   coord -> client node_gone {peer_id, name}  a node's socket closed: routes through it are broken
   coord -> node   assign {model_id, manifest, files_url}
-  node -> coord   ready {model_id, fragment} | failed {message}
+  node -> coord   ready {model_id, fragment, capability} | failed {message} | draining {}
   peer -> coord   signal {to, data}           relayed as signal {from, data}
   coord -> peer   signal_error {to, message}  the target is not connected
 """
@@ -300,6 +300,9 @@ class Coordinator:
                 self.registry.set_ready(peer_id, False)
                 log.warning("node %s reports a fragment this coordinator does not serve", peer_id)
             log.info("node %s ready with %s fragment %s", peer_id, data.get("model_id"), data.get("fragment"))
+        elif kind == "draining" and role == "node":
+            self.registry.set_ready(peer_id, False)  # no new routes through it; live sessions finish
+            log.info("node %s is draining", peer_id)
         elif kind == "failed" and role == "node":
             self.registry.set_ready(peer_id, False)
             log.warning("node %s failed to load its fragment: %s", peer_id, str(data.get("message"))[:300])

@@ -57,6 +57,8 @@ class FragmentExecutor:
         self.config = config or ExecutorConfig()
         self._sessions: dict[str, _Session] = {}
         self._device = next(model.parameters()).device
+        #: set when the node leaves: live sessions finish, new ones are refused (and fail over)
+        self.draining = False
 
     @property
     def sessions(self) -> int:
@@ -132,6 +134,8 @@ class FragmentExecutor:
         if state is None:
             if pos != 0:
                 raise SessionLostError(f"unknown session {session} (expired, or this node restarted)")
+            if self.draining:
+                raise SessionLostError("node is draining: it takes no new sessions")
             state = self._open(session, max_tokens)
         if pos != state.cache.length:
             raise SessionError(f"session {session}: got position {pos}, expected {state.cache.length}")
@@ -187,6 +191,11 @@ class FragmentExecutor:
                 self.step_sync(session, tokens + i, feed(1), tokens + steps)
         finally:
             self.close_session(session)
+
+    def active_sessions(self, within_s: float = 5.0) -> int:
+        """Sessions used in the last ``within_s`` seconds (a vanished client's session is not live)."""
+        now = time.monotonic()
+        return sum(1 for s in self._sessions.values() if now - s.last_used <= within_s)
 
     def close_session(self, session: str) -> bool:
         return self._sessions.pop(session, None) is not None

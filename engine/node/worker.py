@@ -251,6 +251,22 @@ class Node:
         )
         return [_Outgoing(msg.route[0].peer, wire.encode(again), msg.reply_to, msg.session, msg.step + 1), reply]
 
+    async def drain(self, timeout_s: float = 60.0) -> None:
+        """Leave gracefully: no new sessions, live ones finish (up to ``timeout_s``), then shut down.
+
+        The coordinator stops routing to the node at once; a client that still starts a session
+        here gets ``session_lost`` and fails over, so no request fails.
+        """
+        log.info("draining: finishing live sessions (at most %.0f s)", timeout_s)
+        if self.executor is not None:
+            self.executor.draining = True
+        with contextlib.suppress(KlusterError):
+            await self.signaling.send({"type": "draining"})
+        deadline = time.monotonic() + timeout_s
+        while self.executor is not None and self.executor.active_sessions() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await self.shutdown()
+
     async def shutdown(self) -> None:
         if self._stopping:
             return

@@ -102,3 +102,47 @@ def test_kill_routed_node_mid_generation_keeps_output(
     stall = arrivals[KILL_AT + 1] - killed["at"]
     print(f"failover stall {stall:.3f} s, event {failovers[0]}")
     assert stall <= 3.0
+
+
+def test_sigterm_drains_a_routed_node_without_failing_any_request(
+    smollm2_pack2: Path,
+    smollm2_dir: Path,
+    tmp_path: Path,
+    start_cluster_from: Callable[[Path, Path, int], LocalCluster],
+) -> None:
+    """A node asked to leave finishes its live session, takes no new one, then exits."""
+    import signal
+
+    tok = ModelTokenizer(smollm2_dir)
+    request = GenerationRequest(tok.encode(tok.render_chat([{"role": "user", "content": PROMPT}])), 40)
+    cluster = start_cluster_from(smollm2_pack2, tmp_path, 4)
+    try:
+        drained: dict[str, Any] = {}
+
+        async def run() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+            remote = RemotePipeline(cluster.url, "smollm2-135m", step_timeout_s=30)
+            try:
+                route = await remote.start()
+                victim = route[0].name
+
+                def on_token(index: int) -> None:
+                    if index == KILL_AT and not drained:
+                        cluster.kill_node(victim, signal.SIGTERM)
+                        drained["name"] = victim
+
+                during, _ = await _collect(remote, tok, request, on_token)
+                # The live session finished on the draining node; it now exits by itself.
+                await asyncio.to_thread(cluster.node_procs[victim].wait, 20)
+                after, _ = await _collect(remote, tok, request, lambda _: None)
+                return during, after, [h.name for h in remote.route]
+            finally:
+                await remote.shutdown()
+
+        during, after, final_route = asyncio.run(run())
+    finally:
+        cluster.stop()
+    assert not [e for e in during if e["event"] == "failover"], "the live session should finish where it was"
+    assert during[-1]["token_ids"] == after[-1]["token_ids"]
+    assert len(during[-1]["token_ids"]) == 40
+    assert cluster.node_procs[drained["name"]].returncode == 0
+    assert drained["name"] not in final_route
