@@ -48,6 +48,11 @@ class RouteHop:
     end: int
 
 
+def _route_nodes(route: list[RouteHop]) -> list[dict[str, Any]]:
+    """A route as the JSON events show it (``route`` and ``failover``)."""
+    return [{"name": h.name, "peer_id": h.peer_id, "layers": [h.start, h.end]} for h in route]
+
+
 @dataclass
 class _SessionState:
     """Where a session stands: the next step, how far the ring runs unasked, and what to replay."""
@@ -142,11 +147,11 @@ class RemotePipeline:
         return {
             "event": "route",
             "model": self.model_id,
-            "nodes": [{"name": h.name, "peer_id": h.peer_id, "layers": [h.start, h.end]} for h in self.route],
+            "nodes": _route_nodes(self.route),
         }
 
-    def name_of(self, peer_id: str) -> str:
-        return next((h.name for h in self.route if h.peer_id == peer_id), peer_id)
+    def name_of(self, peer_id: str, route: list[RouteHop] | None = None) -> str:
+        return next((h.name for h in (self.route if route is None else route) if h.peer_id == peer_id), peer_id)
 
     async def fetch_tokenizer(self, cache_dir: Path) -> Path:
         """Download the model's tokenizer files from the coordinator into a cache folder."""
@@ -306,7 +311,7 @@ class RemotePipeline:
     async def _failover(self, state: _SessionState, cause: KlusterError) -> dict[str, Any]:
         """Replace the route after ``cause``; returns the ``failover`` event for the JSON stream."""
         detected = time.perf_counter()
-        failed = self._failed_peer(cause)
+        failed = cause.peer_id
         old = self.route
         log.info("route failed (%s); failing over", cause)
         if failed:
@@ -327,27 +332,18 @@ class RemotePipeline:
                     ) from None
                 await asyncio.sleep(0.2)
         state.wire_id = uuid.uuid4().hex
-        for key in [k for k in self._arrived if k[0] not in self._live_wire_ids()]:
+        live = self._live_wire_ids()
+        for key in [k for k in self._arrived if k[0] not in live]:
             del self._arrived[key]
         return {
             "event": "failover",
-            "failed_node": self.name_of_in(old, failed) if failed else None,
+            "failed_node": self.name_of(failed, old) if failed else None,
             "reason": str(cause),
             "at_token": state.next_step,
             "detected_after_ms": round((detected - state.last_arrival) * 1000, 1) if state.last_arrival else None,
-            "new_route": [{"name": h.name, "peer_id": h.peer_id, "layers": [h.start, h.end]} for h in self.route],
+            "new_route": _route_nodes(self.route),
             "recovery_ms": round((time.perf_counter() - detected) * 1000, 1),
         }
-
-    @staticmethod
-    def _failed_peer(cause: KlusterError) -> str | None:
-        """The node an error blames (set from error replies and coordinator notices), if any."""
-        peer = getattr(cause, "peer_id", None)
-        return peer if isinstance(peer, str) else None
-
-    @staticmethod
-    def name_of_in(route: list[RouteHop], peer_id: str) -> str:
-        return next((h.name for h in route if h.peer_id == peer_id), peer_id)
 
     def _live_wire_ids(self) -> set[str]:
         return {s.wire_id for s in self._sessions.values()}
