@@ -89,6 +89,24 @@ class TransportError(KlusterError):
     code = "transport"
 
 
+class JobNotFoundError(KlusterError):
+    """No job has this id (or it was purged long ago)."""
+
+    code = "job_not_found"
+
+
+class JobStateError(KlusterError):
+    """The requested transition is not allowed from the job's current state (e.g. done after cancel)."""
+
+    code = "bad_job_state"
+
+
+class QueueFullError(CapacityError):
+    """Admission control refused a job: the tenant's or the grid's queue is full."""
+
+    code = "queue_full"
+
+
 def error_for_code(code: str | None, message: str) -> KlusterError:
     """Rebuild a typed error from a code received over the wire (unknown codes become PeerError)."""
     for cls in (
@@ -97,7 +115,10 @@ def error_for_code(code: str | None, message: str) -> KlusterError:
         ModelFormatError,
         FragmentError,
         ProtocolError,
+        QueueFullError,
         CapacityError,
+        JobNotFoundError,
+        JobStateError,
         SessionLostError,
         SessionError,
         CoordinatorError,

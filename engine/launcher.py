@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -53,6 +54,7 @@ class LocalCluster:
         node_threads: int | None = None,
         host: str = "127.0.0.1",
         benchmark_s: float = 0.5,
+        wrap: Callable[[str], list[str]] | None = None,
     ) -> None:
         self.pack_dir = pack_dir
         self.nodes = nodes
@@ -61,6 +63,9 @@ class LocalCluster:
         self.cache_dir = cache_dir or self.log_dir / "cache"
         self.node_threads = node_threads
         self.benchmark_s = benchmark_s
+        #: child name ("coordinator", "node-1", ...) -> command prefix, e.g. ``ip netns exec NS``
+        #: to run each child in its own network namespace (WAN tests)
+        self.wrap = wrap
         self.url = ""
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.node_procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -71,8 +76,9 @@ class LocalCluster:
         self._logs.append(logfile)
         env = dict(os.environ, KLUSTER_LOGLEVEL=os.environ.get("KLUSTER_LOGLEVEL", "INFO"))
         preexec = _die_with_parent if sys.platform.startswith("linux") else None
+        prefix = self.wrap(name) if self.wrap is not None else []
         return subprocess.Popen(
-            kluster_command(*args),
+            [*prefix, *kluster_command(*args)],
             stdout=stdout or logfile,
             stderr=logfile,
             stdin=subprocess.DEVNULL,

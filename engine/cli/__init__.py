@@ -54,6 +54,19 @@ def add_generation_options(p: argparse.ArgumentParser, *, prompt_required: bool)
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed: same seed, same tokens (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON event per line")
+    p.add_argument(
+        "--route-wait",
+        type=float,
+        default=60.0,
+        help="seconds a failover waits for a replacement route, e.g. for a node to come back (default 60)",
+    )
+    p.add_argument("--tenant", default="default", help="who the job is queued for (fair share per tenant)")
+    p.add_argument("--priority", type=int, default=5, help="job priority 0-9, higher first (default 5)")
+    p.add_argument(
+        "--wait-for-route",
+        action="store_true",
+        help="queue until nodes serve the model (up to the coordinator's queue timeout) instead of failing at once",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -100,9 +100,38 @@ def route_text(route_event: dict[str, Any]) -> str:
 
 
 async def run_remote(args: argparse.Namespace, coordinator: str, *, out: TextIO | None = None) -> dict[str, Any]:
+    """Queue a job at the coordinator, and once it is granted a slot, generate through a route."""
+    from engine.client.jobs import JobTicket
+
+    if not 0 < args.route_wait <= 3600:
+        raise ConfigError(f"--route-wait must be between 0 and 3600 seconds, got {args.route_wait:g}")
+    params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    async with JobTicket(
+        coordinator,
+        args.model,
+        tenant=args.tenant,
+        priority=args.priority,
+        params=params,
+        wait_for_route=args.wait_for_route,
+    ) as job:
+
+        def queued(view: dict[str, Any]) -> None:
+            event = {"event": "job", "id": job.id, "state": "queued", "position": view.get("position")}
+            if args.json:
+                print(json.dumps(event), file=out or sys.stdout, flush=True)
+            else:
+                print(f"queued as {job.id}, position {view.get('position')}", file=sys.stderr)
+
+        await job.wait_turn(queued)
+        done = await _generate_remote(args, coordinator, out=out)
+        job.tokens = int(done.get("stats", {}).get("generated_tokens", 0))
+        return done
+
+
+async def _generate_remote(args: argparse.Namespace, coordinator: str, *, out: TextIO | None) -> dict[str, Any]:
     from engine.client.remote import RemotePipeline
 
-    pipeline = RemotePipeline(coordinator, args.model)
+    pipeline = RemotePipeline(coordinator, args.model, route_wait_s=args.route_wait)
     try:
         await pipeline.start()
         folder = await pipeline.fetch_tokenizer(paths.cache_dir())

@@ -70,6 +70,11 @@ class _SessionState:
     chunks: list[int] = field(default_factory=list)
 
 
+#: A failed node is avoided this long, or until the coordinator says it is ready again. Not for
+#: ever: the failure may have been ours (our own network dropped), and a node that is truly gone
+#: is not offered by the coordinator anyway.
+EXCLUDE_S = 10.0
+
 #: errors after which the route is replaced and the session replayed on the new one
 _FAILOVER_ERRORS = (PeerError, TransportError, SessionLostError, FragmentError)
 
@@ -86,14 +91,16 @@ class RemotePipeline:
         name: str = "client",
         ring: bool = True,
         max_failovers: int = 3,
-        route_wait_s: float = 10.0,
+        route_wait_s: float = 60.0,
     ) -> None:
         self.model_id = model_id
         #: route replacements tried for one step before its error reaches the caller
         self.max_failovers = max_failovers
         #: how long a failover waits for the coordinator to offer a route without the failed nodes
+        #: (long enough for a partitioned node, the only host of its span, to come back)
         self.route_wait_s = route_wait_s
-        self._excluded: set[str] = set()
+        #: nodes a failover avoids, until the monotonic time given (see EXCLUDE_S)
+        self._excluded: dict[str, float] = {}
         self._gone: dict[str, str] = {}
         #: let the route feed each sampled token back to its first hop by itself (one hop fewer per token)
         self.ring = ring
@@ -105,22 +112,66 @@ class RemotePipeline:
         self._arrived: dict[tuple[str, int], tuple[wire.Token | KlusterError, float]] = {}
         self._sessions: dict[str, _SessionState] = {}
         self._runner: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self) -> list[RouteHop]:
         """Connect to the coordinator and get a route for the model."""
         await self.signaling.connect()
-        self.peers = PeerManager(
-            self.signaling.peer_id, self.signaling.send_signal, self._on_message, ice_servers=self.signaling.ice_servers
-        )
-        self.signaling.peers = self.peers
-        self._runner = asyncio.create_task(self.signaling.run(), name="signaling")
+        self._start_peers()
+        self._runner = asyncio.create_task(self._signal_forever(), name="signaling")
         self.route = await self._fetch_route()
         return self.route
 
+    def _start_peers(self) -> None:
+        self.peers = PeerManager(
+            self.signaling.peer_id,
+            self.signaling.send_signal,
+            self._on_message,
+            ice_servers=self.signaling.ice_servers,
+            on_link_lost=self._on_link_lost,
+        )
+        self.signaling.peers = self.peers
+
+    async def _signal_forever(self) -> None:
+        """Serve the coordinator socket; when it drops (partition, coordinator restart), reconnect.
+
+        Our peer id survives a reconnect when the coordinator still knows our resume token. If it
+        does not (it restarted), nodes could no longer reach us under the old id: the links are
+        rebuilt under the new one and waiting steps fail over, which replays them.
+        """
+        while not self._stopping:
+            await self.signaling.run()
+            if self._stopping:
+                return
+            log.warning("lost the coordinator; reconnecting")
+            old_id = self.signaling.peer_id
+            await self.signaling.reconnect()
+            if self.signaling.peer_id == old_id:
+                self.signaling.peers = self.peers
+                continue
+            log.info("reconnected as %s (was %s)", self.signaling.peer_id, old_id)
+            if self.peers is not None:
+                await self.peers.shutdown()
+            self._start_peers()
+            self._fail_waiting(TransportError("the coordinator gave this client a new identity"))
+
+    async def _on_link_lost(self, peer: str, reason: str) -> None:
+        """A hop we talk to directly went silent or closed: its waiting steps fail over now."""
+        if any(h.peer_id == peer for h in self.route):
+            error = TransportError(f"lost the link to node {self.name_of(peer)} ({reason})")
+            error.peer_id = peer
+            self._fail_waiting(error)
+
+    def _fail_waiting(self, error: KlusterError) -> None:
+        for key in list(self._pending):
+            self._deliver(key, error)
+
     async def _fetch_route(self) -> list[RouteHop]:
         params = {"model": self.model_id}
-        if self._excluded:
-            params["exclude"] = ",".join(sorted(self._excluded))
+        now = time.monotonic()
+        excluded = sorted(p for p, until in self._excluded.items() if until > now)
+        if excluded:
+            params["exclude"] = ",".join(excluded)
         body = await self.signaling.http_json("/v1/route", params)
         try:
             return [RouteHop(str(h["peer_id"]), str(h["name"]), int(h["start"]), int(h["end"])) for h in body["route"]]
@@ -129,14 +180,17 @@ class RemotePipeline:
 
     async def _on_control(self, data: dict[str, Any]) -> None:
         """Coordinator notices: a node of our route that left fails its waiting steps at once."""
+        if data.get("type") == "node_ready":  # back after a blip, or new: it may be routed through again
+            self._excluded.pop(str(data.get("peer_id")), None)
+            self._gone.pop(str(data.get("peer_id")), None)
+            return
         if data.get("type") != "node_gone":
             return
         peer = str(data.get("peer_id"))
-        self._excluded.add(peer)
+        self._excluded[peer] = time.monotonic() + EXCLUDE_S
         self._gone[peer] = str(data.get("name") or peer)
         if any(h.peer_id == peer for h in self.route):
-            for key in list(self._pending):
-                self._deliver(key, self._gone_error(peer))
+            self._fail_waiting(self._gone_error(peer))
 
     def _gone_error(self, peer: str) -> PeerError:
         error = PeerError(f"node {self._gone.get(peer, peer)} left the grid")
@@ -199,8 +253,7 @@ class RemotePipeline:
             if msg.session is not None and msg.step is not None:
                 self._deliver((msg.session, msg.step), error)
             else:
-                for key in list(self._pending):
-                    self._deliver(key, error)
+                self._fail_waiting(error)
 
     async def step(
         self,
@@ -315,7 +368,7 @@ class RemotePipeline:
         old = self.route
         log.info("route failed (%s); failing over", cause)
         if failed:
-            self._excluded.add(failed)
+            self._excluded[failed] = time.monotonic() + EXCLUDE_S
         if self.peers is not None and old and old[0].peer_id != failed:
             close = wire.Close(state.wire_id, self._hops(), 0)
             with contextlib.suppress(KlusterError):  # frees the healthy hops' caches of the old session
@@ -325,7 +378,7 @@ class RemotePipeline:
             try:
                 self.route = await self._fetch_route()
                 break
-            except NoRouteError as exc:
+            except (NoRouteError, CoordinatorError) as exc:  # no route yet, or the coordinator is unreachable
                 if time.monotonic() > deadline:
                     raise NoRouteError(
                         f"{cause}, and no replacement came within {self.route_wait_s:g} s: {exc}"
@@ -360,6 +413,7 @@ class RemotePipeline:
             await self.peers.send(self.route[0].peer_id, wire.encode(wire.Close(state.wire_id, self._hops(), 0)))
 
     async def shutdown(self) -> None:
+        self._stopping = True
         if self.peers is not None:
             await self.peers.shutdown()
         await self.signaling.shutdown()

@@ -10,8 +10,11 @@ WebSocket ``/v1/ws`` messages (JSON objects with a ``type``):
                   reconnect, ``hosting`` keeps a node's loaded fragment
   coord -> peer   welcome {peer_id, resume_token, ice_servers}
   coord -> client node_gone {peer_id, name}  a node's socket closed: routes through it are broken
+  coord -> client node_ready {peer_id}        a node (new or back after a blip) can be routed through
+  both ways       ping                        every ``heartbeat_s``; 3 silent intervals drop the socket
   coord -> node   assign {model_id, manifest, files_url}
   node -> coord   ready {model_id, fragment, capability} | failed {message} | draining {}
+  node -> coord   rtt {peers: {peer_id: ms}}  measured heartbeat round trips to linked peers
   peer -> coord   signal {to, data}           relayed as signal {from, data}
   coord -> peer   signal_error {to, message}  the target is not connected
 """
@@ -26,15 +29,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from engine import __version__
+from engine.coordinator import events
+from engine.coordinator.events import EventHub
+from engine.coordinator.jobs_api import JobService, add_job_routes
 from engine.coordinator.registry import Registry
 from engine.errors import KlusterError, NoRouteError
 from engine.fragments.manifest import CONFIG, WEIGHTS
 from engine.fragments.pack import TOKENIZER_FILES
 from engine.fragments.store import Pack, read_pack
 from engine.scheduler.placement import FragmentSlot, choose_fragment, plan_route
+from engine.transport.signaling import CLOSE_S, HEARTBEAT_MISSES, HEARTBEAT_S, ping_forever, receive_json
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +54,9 @@ class CoordinatorConfig:
     db_path: str = ":memory:"
     #: fragment packs (from ``kluster fragments pack``) this coordinator serves
     packs: tuple[Path, ...] = ()
-    #: WebSocket ping interval; a peer whose pong is late by half of it is dropped (so a dead or
-    #: partitioned node is noticed within ~1.5x this and its clients fail over)
-    heartbeat_s: float = 3.0
+    #: ping interval on every peer's WebSocket; a peer silent for HEARTBEAT_MISSES intervals is
+    #: dropped, so a dead or partitioned node is noticed within ~3x this and its clients fail over
+    heartbeat_s: float = HEARTBEAT_S
     #: largest WebSocket message accepted from a peer (SDP blobs are a few KB)
     max_ws_message: int = 256 * 1024
     hello_timeout_s: float = 10.0
@@ -63,6 +70,17 @@ def _error(status: int, err: KlusterError | str, code: str = "coordinator") -> w
     else:
         message = err
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def _clean_rtts(raw: Any, limit: int = 256) -> dict[str, float]:
+    """A node's RTT report, keeping only well-formed entries (at most ``limit``)."""
+    if not isinstance(raw, dict):
+        return {}
+    out: dict[str, float] = {}
+    for peer, ms in list(raw.items())[:limit]:
+        if isinstance(peer, str) and len(peer) <= 64 and isinstance(ms, int | float) and 0 <= ms < 600_000:
+            out[peer] = round(float(ms), 3)
+    return out
 
 
 class Coordinator:
@@ -82,6 +100,11 @@ class Coordinator:
         self._roles: dict[str, str] = {}
         #: proof of identity for peers that reconnect (issued in each welcome)
         self._resume_tokens: dict[str, str] = {}
+        #: node -> {peer: measured round trip in ms}, as last reported by the node
+        self._rtts: dict[str, dict[str, float]] = {}
+        #: job and grid events for watchers (``GET /v1/events``, the TUI)
+        self.events = EventHub()
+        self.jobs: JobService | None = None
         self._runner: web.AppRunner | None = None
         self._closed = False
 
@@ -96,7 +119,22 @@ class Coordinator:
         app.router.add_get("/v1/models/{model}/fragments/{fragment}/{file}", self._fragment_file)
         app.router.add_get("/v1/models/{model}/tokenizer/{file}", self._tokenizer_file)
         app.router.add_get("/v1/ws", self._ws)
+        self.jobs = add_job_routes(
+            app,
+            db_path=self.config.db_path,
+            hub=self.events,
+            is_served=self.packs.__contains__,
+            has_route=self._has_route,
+        )
         return app
+
+    def _has_route(self, model_id: str) -> bool:
+        """Whether live ready nodes cover every layer now: the job queue starts a model's jobs only then."""
+        try:
+            plan_route(model_id, self.slots, self.registry.online_nodes())
+        except NoRouteError:
+            return False
+        return True
 
     async def _health(self, _: web.Request) -> web.Response:
         return web.json_response({"ok": True, "version": __version__, "nodes": len(self._sockets)})
@@ -130,7 +168,10 @@ class Coordinator:
         return web.json_response({"models": out})
 
     async def _nodes(self, _: web.Request) -> web.Response:
-        return web.json_response({"nodes": self.registry.describe()})
+        nodes = self.registry.describe()
+        for node in nodes:
+            node["rtt_ms"] = self._rtts.get(str(node["peer_id"]), {})
+        return web.json_response({"nodes": nodes})
 
     async def _route(self, request: web.Request) -> web.Response:
         model_id = request.query.get("model", "")
@@ -177,7 +218,7 @@ class Coordinator:
     # ------------------------------------------------------------- WebSocket
 
     async def _ws(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(heartbeat=self.config.heartbeat_s, max_msg_size=self.config.max_ws_message)
+        ws = web.WebSocketResponse(max_msg_size=self.config.max_ws_message, timeout=CLOSE_S)
         await ws.prepare(request)
         try:
             hello = await asyncio.wait_for(ws.receive_json(), self.config.hello_timeout_s)
@@ -208,23 +249,21 @@ class Coordinator:
                 self.registry.set_online(peer_id)
             else:
                 self.registry.add_node(peer_id, name)
+            self.events.node_event(events.NODE_JOINED, peer_id, name, resumed=resumed)
             if not await self._take_back(peer_id, hello.get("hosting")):
                 await self._assign(peer_id, ws)
+        pinger = asyncio.create_task(ping_forever(ws, self.config.heartbeat_s), name=f"ping-{peer_id}")
         try:
-            async for msg in ws:
-                if msg.type != WSMsgType.TEXT:
-                    continue
-                try:
-                    data = json.loads(msg.data)
-                except ValueError:
-                    continue
-                if isinstance(data, dict):
-                    await self._on_message(peer_id, role, ws, data)
+            async for data in receive_json(ws, self.config.heartbeat_s * HEARTBEAT_MISSES, f"{role} {name}"):
+                await self._on_message(peer_id, role, ws, data)
         finally:
+            pinger.cancel()
             self._sockets.pop(peer_id, None)
             self._roles.pop(peer_id, None)
             if role == "node":
                 self.registry.set_offline(peer_id)
+                self._rtts.pop(peer_id, None)
+                self.events.node_event(events.NODE_LEFT, peer_id, name)
                 await self._broadcast_to_clients({"type": "node_gone", "peer_id": peer_id, "name": name})
             log.info("%s %s (%s) disconnected", role, name, peer_id)
         return ws
@@ -252,6 +291,7 @@ class Coordinator:
         self.registry.assign(peer_id, pack.model_id, index)
         self.registry.set_ready(peer_id, True)
         log.info("node %s still hosts %s fragment %d", peer_id, pack.model_id, index)
+        await self._broadcast_to_clients({"type": "node_ready", "peer_id": peer_id})
         return True
 
     async def _broadcast_to_clients(self, message: dict[str, Any]) -> None:
@@ -300,9 +340,17 @@ class Coordinator:
                 self.registry.set_ready(peer_id, False)
                 log.warning("node %s reports a fragment this coordinator does not serve", peer_id)
             log.info("node %s ready with %s fragment %s", peer_id, data.get("model_id"), data.get("fragment"))
+            self.events.node_event(
+                events.NODE_READY, peer_id, model_id=data.get("model_id"), fragment=data.get("fragment")
+            )
+            if self.jobs is not None:
+                self.jobs.tick()  # queued jobs start now rather than at the next tick
+        elif kind == "rtt" and role == "node":
+            self._rtts[peer_id] = _clean_rtts(data.get("peers"))
         elif kind == "draining" and role == "node":
             self.registry.set_ready(peer_id, False)  # no new routes through it; live sessions finish
             log.info("node %s is draining", peer_id)
+            self.events.node_event(events.NODE_DRAINING, peer_id)
         elif kind == "failed" and role == "node":
             self.registry.set_ready(peer_id, False)
             log.warning("node %s failed to load its fragment: %s", peer_id, str(data.get("message"))[:300])

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import torch
 
-from engine.errors import CoordinatorError, FragmentError, KlusterError, PeerError, ProtocolError
+from engine.errors import FragmentError, KlusterError, PeerError, ProtocolError
 from engine.fragments import torch_thread
 from engine.fragments.executor import ExecutorConfig, FragmentExecutor
 from engine.fragments.manifest import Manifest, parse_manifest
@@ -32,6 +32,9 @@ from engine.transport.peer import PeerManager
 from engine.transport.signaling import SignalingClient
 
 log = logging.getLogger(__name__)
+
+#: How often a node reports its links' measured round trips to the coordinator.
+RTT_REPORT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class Node:
         await self.signaling.connect()
         self._start_peers()
         log.info("node %s registered as %s", self.config.name, self.peer_id)
+        reporter = asyncio.create_task(self._report_rtts(), name="rtt-report")
         try:
             while not self._stopping:
                 await self.signaling.run()
@@ -97,7 +101,19 @@ class Node:
                 log.warning("lost the coordinator; reconnecting")
                 await self._reconnect()
         finally:
+            reporter.cancel()
             await self.shutdown()
+
+    async def _report_rtts(self) -> None:
+        """Every RTT_REPORT_S, tell the coordinator the measured round trip to each linked peer."""
+        while not self._stopping:
+            await asyncio.sleep(RTT_REPORT_S)
+            if self.peers is None:
+                continue
+            rtts = {i.peer_id: i.rtt_ms for i in self.peers.links() if i.sending and i.rtt_ms is not None}
+            if rtts:
+                with contextlib.suppress(KlusterError):  # offline: the next report after reconnecting
+                    await self.signaling.send({"type": "rtt", "peers": rtts})
 
     def _start_peers(self) -> None:
         self.peers = PeerManager(
@@ -109,20 +125,14 @@ class Node:
         )
         self.signaling.peers = self.peers
 
+    def _hello_extra(self) -> dict[str, Any] | None:
+        """What a reconnecting node tells the coordinator: the fragment it still holds, if any."""
+        m = self.manifest
+        return {"hosting": {"model_id": m.model_id, "fragment": m.index}} if m is not None else None
+
     async def _reconnect(self) -> None:
-        delay = 0.5
         old_id = self.peer_id
-        while not self._stopping:
-            try:
-                hosting = (
-                    {"model_id": self.manifest.model_id, "fragment": self.manifest.index} if self.manifest else None
-                )
-                await self.signaling.connect({"hosting": hosting} if hosting else None)
-                break
-            except CoordinatorError as exc:
-                log.info("coordinator still unreachable (%s); retrying in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+        await self.signaling.reconnect(self._hello_extra)
         if self.peer_id != old_id:  # the coordinator gave us a new identity: old links are useless
             log.info("reconnected as %s (was %s)", self.peer_id, old_id)
             if self.peers is not None:

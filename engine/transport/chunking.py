@@ -33,6 +33,14 @@ Wire layout (all integers big-endian):
 ``ABORT`` — the sender gave up on a message half-way (e.g. its send was cancelled)::
 
     0  u8  magic, 1 u8 version, 2 u8 kind = 2, 3 u32 msg_id
+
+``PING`` / ``PONG`` — the link heartbeat (not a message; never reaches the reassembler)::
+
+    0  u8  magic, 1 u8 version, 2 u8 kind = 3 (PING) or 4 (PONG), 3 u64 stamp
+
+A PONG echoes the stamp of the PING it answers, so the pinger gets the round trip from its own
+clock alone. Pings may interleave with the chunks of a message: the receiver peels them off
+before reassembly.
 """
 
 from __future__ import annotations
@@ -57,14 +65,18 @@ VERSION = 1
 KIND_WHOLE = 0
 KIND_PART = 1
 KIND_ABORT = 2
+KIND_PING = 3
+KIND_PONG = 4
 
 _PREFIX = struct.Struct("!BBB")
 _PART = struct.Struct("!BBBIIIQ")
 _ABORT = struct.Struct("!BBBI")
+_BEAT = struct.Struct("!BBBQ")
 
 WHOLE_HEADER = _PREFIX.size  # 3
 PART_HEADER = _PART.size  # 23
 ABORT_SIZE = _ABORT.size  # 7
+BEAT_SIZE = _BEAT.size  # 11
 
 _WHOLE_PREFIX = _PREFIX.pack(MAGIC, VERSION, KIND_WHOLE)
 _U32 = 1 << 32
@@ -89,6 +101,24 @@ def fits_whole(size: int, max_chunk: int = MAX_CHUNK) -> bool:
 def encode_abort(msg_id: int) -> bytes:
     """The chunk telling the receiver to forget the unfinished message ``msg_id``."""
     return _ABORT.pack(MAGIC, VERSION, KIND_ABORT, msg_id)
+
+
+def encode_ping(stamp: int) -> bytes:
+    """A heartbeat asking for a PONG that echoes ``stamp`` (a u64, e.g. ``time.monotonic_ns()``)."""
+    return _BEAT.pack(MAGIC, VERSION, KIND_PING, stamp & 0xFFFFFFFFFFFFFFFF)
+
+
+def encode_pong(stamp: int) -> bytes:
+    """The answer to a PING carrying ``stamp``."""
+    return _BEAT.pack(MAGIC, VERSION, KIND_PONG, stamp & 0xFFFFFFFFFFFFFFFF)
+
+
+def heartbeat_of(chunk: bytes) -> tuple[int, int] | None:
+    """``(KIND_PING or KIND_PONG, stamp)`` if ``chunk`` is a heartbeat, else None (a data chunk)."""
+    if len(chunk) != BEAT_SIZE or chunk[0] != MAGIC or chunk[1] != VERSION or chunk[2] not in (KIND_PING, KIND_PONG):
+        return None
+    _, _, kind, stamp = _BEAT.unpack(chunk)
+    return kind, stamp
 
 
 def iter_chunks(data: bytes | bytearray | memoryview, msg_id: int, max_chunk: int = MAX_CHUNK) -> Iterator[bytes]:

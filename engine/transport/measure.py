@@ -32,7 +32,7 @@ from types import TracebackType
 from typing import Any
 
 from engine.errors import TransportError
-from engine.transport.peer import PeerManager
+from engine.transport.peer import OnLinkLost, PeerManager
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,12 @@ class EchoProcess:
         *,
         self_id: str = "measure",
         connect_timeout: float = 10.0,
+        on_link_lost: OnLinkLost | None = None,
     ) -> None:
         self.self_id = self_id
-        self.manager = PeerManager(self_id, self._send_signal, on_message, connect_timeout=connect_timeout)
+        self.manager = PeerManager(
+            self_id, self._send_signal, on_message, connect_timeout=connect_timeout, on_link_lost=on_link_lost
+        )
         self.proc: asyncio.subprocess.Process | None = None
         self._relay: asyncio.Task[None] | None = None
 

@@ -17,8 +17,15 @@ in between is hidden here:
   :data:`HIGH_WATER`, so a multi-megabyte message cannot balloon memory.
 * **Failures.** A link that does not open within ``connect_timeout`` raises :class:`PeerError`; a
   link that breaks raises :class:`TransportError` to senders and is dropped, so the next send
-  reconnects. Bad chunks from a peer are logged and counted, never fatal; exceptions raised by the
-  owner's ``on_message`` are logged, never fatal.
+  reconnects (through the signaling path: aiortc cannot restart ICE, a new link is the only way).
+* **Heartbeat.** Every open link sends a PING chunk each ``heartbeat_s`` (1 s) and answers the
+  other side's with a PONG; a link that has received nothing at all for ``heartbeat_misses``
+  intervals (3 s) is dropped as silent, and the owner hears of every lost peer through
+  ``on_link_lost``. Without this a peer that vanished (kill -9 behind a NAT, a partition) is only
+  noticed after aiortc's ~30 s consent timeout. The PONGs also give each link a measured round
+  trip (:meth:`PeerManager.rtt_ms`), which the scheduler routes by.
+* **Bad input.** Bad chunks from a peer are logged and counted, never fatal; exceptions raised by
+  the owner's ``on_message`` are logged, never fatal.
 
 aiortc notes (1.16): it does not trickle ICE, so each SDP already lists every candidate once
 ``setLocalDescription`` returns; a peer that vanishes without closing is only noticed after about
@@ -32,6 +39,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -48,11 +56,15 @@ from aiortc.exceptions import InvalidStateError
 from engine.errors import KlusterError, PeerError, ProtocolError, TransportError
 from engine.transport.chunking import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    KIND_PING,
     MessageSplitter,
     Reassembler,
     encode_abort,
+    encode_ping,
+    encode_pong,
     encode_whole,
     fits_whole,
+    heartbeat_of,
 )
 
 log = logging.getLogger(__name__)
@@ -66,6 +78,14 @@ LOW_WATER = 256 * 1024
 
 SendSignal = Callable[[str, dict[str, Any]], Awaitable[None]]
 OnMessage = Callable[[str, bytes], Awaitable[None]]
+OnLinkLost = Callable[[str, str], Awaitable[None]]
+
+#: Seconds between heartbeat PINGs on every open link...
+HEARTBEAT_S = 1.0
+#: ...and how many silent intervals drop the link.
+HEARTBEAT_MISSES = 3
+#: Weight of a new PONG sample in a link's smoothed round trip.
+_RTT_ALPHA = 0.25
 
 _MAX_LINK_ID = 64
 #: Offers beyond this many live links from one peer are refused (glare needs 2), so a confused or
@@ -90,6 +110,10 @@ class LinkInfo:
     messages_sent: int
     messages_received: int
     bad_chunks: int
+    #: Smoothed heartbeat round trip in ms (None until the first PONG).
+    rtt_ms: float | None = None
+    #: Milliseconds since anything arrived on the link.
+    silent_ms: float = 0.0
 
 
 def _fail(fut: asyncio.Future[Any] | None, exc: BaseException) -> None:
@@ -129,6 +153,8 @@ class _Link:
         self.messages_received = 0
         self.bad_chunks = 0
         self._stale_seen = 0
+        self.last_rx = time.monotonic()
+        self.rtt_ms: float | None = None
 
     def info(self, sending: bool) -> LinkInfo:
         return LinkInfo(
@@ -141,6 +167,8 @@ class _Link:
             messages_sent=self.messages_sent,
             messages_received=self.messages_received,
             bad_chunks=self.bad_chunks,
+            rtt_ms=None if self.rtt_ms is None else round(self.rtt_ms, 3),
+            silent_ms=round((time.monotonic() - self.last_rx) * 1000, 1),
         )
 
     # -- sending -------------------------------------------------------------------------------
@@ -211,9 +239,14 @@ class _Link:
         Must never raise: pyee would turn the exception into an error inside aiortc's receive
         path. Complete messages go to :attr:`inbox`, drained in order by one consumer task.
         """
+        self.last_rx = time.monotonic()
         try:
             if type(chunk) is not bytes:
                 raise ProtocolError("text message on the binary Kluster channel")
+            beat = heartbeat_of(chunk)
+            if beat is not None:
+                self._on_beat(*beat)
+                return
             whole = self.reassembler.feed(chunk)
         except ProtocolError as exc:
             self.bad_chunks += 1
@@ -234,13 +267,32 @@ class _Link:
             self._stale_seen = self.reassembler.stale_dropped
 
 
+    def _on_beat(self, kind: int, stamp: int) -> None:
+        if kind == KIND_PING:
+            if self.state == "open" and self.channel is not None:
+                with contextlib.suppress(Exception):  # a closing channel: the heartbeat will notice
+                    self.channel.send(encode_pong(stamp))
+            return
+        sample = (time.monotonic_ns() - stamp) / 1e6
+        if 0 <= sample < 600_000:  # ignore echoes of stamps we never sent
+            self.rtt_ms = sample if self.rtt_ms is None else (1 - _RTT_ALPHA) * self.rtt_ms + _RTT_ALPHA * sample
+
+    def ping(self) -> None:
+        """Send one heartbeat PING (best effort: a failure shows up as silence)."""
+        if self.state == "open" and self.channel is not None:
+            with contextlib.suppress(Exception):
+                self.channel.send(encode_ping(time.monotonic_ns()))
+
+
 class PeerManager:
     """All WebRTC links of one Kluster participant (node or client), keyed by peer id.
 
     ``send_signal(peer_id, data)`` must deliver ``data`` (a JSON-able dict) to that peer's
     :meth:`handle_signal`, normally via the coordinator. ``on_message(peer_id, data)`` is awaited
     once per whole message received, in order per link, from one task per link: a slow handler
-    delays later messages of that link only.
+    delays later messages of that link only. ``on_link_lost(peer_id, reason)`` is awaited when the
+    last open link to a peer closes (silence, failure, or the peer closing it), so an owner waiting
+    for a reply from that peer can stop waiting at once.
     """
 
     def __init__(
@@ -252,12 +304,21 @@ class PeerManager:
         ice_servers: list[RTCIceServer] | None = None,
         connect_timeout: float = 10.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        on_link_lost: OnLinkLost | None = None,
+        heartbeat_s: float = HEARTBEAT_S,
+        heartbeat_misses: int = HEARTBEAT_MISSES,
     ) -> None:
         if connect_timeout <= 0:
             raise ValueError("connect_timeout must be positive")
+        if heartbeat_s <= 0 or heartbeat_misses < 1:
+            raise ValueError("heartbeat_s must be positive and heartbeat_misses at least 1")
         self.self_id = self_id
         self._send_signal = send_signal
         self._on_message = on_message
+        self._on_link_lost = on_link_lost
+        self._heartbeat_s = heartbeat_s
+        self._silent_s = heartbeat_s * heartbeat_misses
+        self._heartbeat: asyncio.Task[None] | None = None
         # Explicit (default: none): aiortc's own default is a public STUN server.
         self._ice_servers = list(ice_servers or [])
         self._connect_timeout = connect_timeout
@@ -319,6 +380,11 @@ class PeerManager:
         """Snapshots of every link that is connecting or open."""
         return [link.info(self._send_links.get(link.peer_id) is link) for link in self._links.values()]
 
+    def rtt_ms(self, peer_id: str) -> float | None:
+        """Smoothed heartbeat round trip to ``peer_id`` over the link sends use (None if unknown)."""
+        link = self._send_links.get(peer_id)
+        return None if link is None else link.rtt_ms
+
     def is_connected(self, peer_id: str) -> bool:
         """Whether a message to ``peer_id`` would go out right away on an open link."""
         return peer_id in self._send_links
@@ -363,7 +429,23 @@ class PeerManager:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    async def _beat(self) -> None:
+        """Ping every open link each interval; drop links silent for ``heartbeat_misses`` intervals."""
+        while not self._closed:
+            await asyncio.sleep(self._heartbeat_s)
+            now = time.monotonic()
+            for link in list(self._links.values()):
+                if link.state != "open":
+                    continue
+                silent = now - link.last_rx
+                if silent > self._silent_s:
+                    self._drop(link, f"peer silent for {silent:.1f} s")
+                else:
+                    link.ping()
+
     def _new_link(self, peer_id: str, link_id: str, outgoing: bool) -> _Link:
+        if self._heartbeat is None:
+            self._heartbeat = self._spawn(self._beat(), name="kluster-heartbeat")
         pc = RTCPeerConnection(RTCConfiguration(iceServers=list(self._ice_servers)))
         link = _Link(peer_id, link_id, pc, outgoing, self._max_message_bytes)
         self._links[link.key] = link
@@ -388,6 +470,7 @@ class PeerManager:
         if link.state != "connecting":
             return
         link.state = "open"
+        link.last_rx = time.monotonic()
         if link.open_timer is not None:
             link.open_timer.cancel()
             link.open_timer = None
@@ -430,7 +513,17 @@ class PeerManager:
         (log.info if was_open else log.debug)(
             "%s: link %s with peer %s closed (%s)", self.self_id, link.link_id, link.peer_id, reason
         )
+        if was_open and link.peer_id not in self._send_links and self._on_link_lost is not None and not self._closed:
+            self._spawn(self._tell_lost(link.peer_id, reason), name=f"kluster-lost-{link.peer_id}")
         return self._spawn(self._close_pc(link), name=f"kluster-pc-close-{link.link_id}")
+
+    async def _tell_lost(self, peer_id: str, reason: str) -> None:
+        if self._on_link_lost is None:
+            return
+        try:
+            await self._on_link_lost(peer_id, reason)
+        except Exception:
+            log.exception("%s: on_link_lost failed for peer %s", self.self_id, peer_id)
 
     async def _close_pc(self, link: _Link) -> None:
         try:

@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -24,8 +25,21 @@ log = logging.getLogger(__name__)
 
 OnControl = Callable[[dict[str, Any]], Awaitable[None]]
 
-#: WebSocket ping interval towards the coordinator (a pong late by half of it drops the socket)
-HEARTBEAT_S = 3.0
+#: Each side of the coordinator WebSocket sends a ping this often...
+HEARTBEAT_S = 1.0
+#: ...and drops the socket after this many intervals without hearing anything from the other.
+HEARTBEAT_MISSES = 3
+#: The ping itself: a constant string, so sending it costs no JSON encoding.
+PING = '{"type":"ping"}'
+#: How long closing a socket waits for the other side's close frame: a silent peer never sends
+#: one, and aiohttp's default (10 s) would hold up the reconnect (or the node_gone notice) that long.
+CLOSE_S = 1.0
+#: Longest pause between reconnection attempts (doubling from 0.5 s, with +-25% jitter so that
+#: thousands of nodes do not hammer a restarted coordinator in step)...
+RECONNECT_MAX_S = 2.0
+#: ...and the connect timeout of each attempt: a fresh SYN every few seconds finds a healed
+#: network sooner than TCP's own SYN retries (1, 2, 4, 8 s apart) would.
+RECONNECT_TIMEOUT_S = 3.0
 
 
 def ws_url(base: str) -> str:
@@ -71,22 +85,25 @@ class SignalingClient:
         self.closed = asyncio.Event()
         self._resume_token = ""
 
-    async def connect(self, extra: dict[str, Any] | None = None) -> str:
+    async def connect(self, extra: dict[str, Any] | None = None, *, timeout_s: float | None = None) -> str:
         """Open the WebSocket and say hello; returns our peer id. Fails fast with a one-line error.
 
         Called again after the socket closed, it asks to keep the previous peer id (the coordinator
         grants it with the token it issued), so routes and WebRTC links through us stay valid.
         """
         await self._close_socket()
-        timeout = aiohttp.ClientTimeout(total=None, connect=self._connect_timeout, sock_connect=self._connect_timeout)
+        limit = self._connect_timeout if timeout_s is None else timeout_s
+        timeout = aiohttp.ClientTimeout(total=None, connect=limit, sock_connect=limit)
         self._session = aiohttp.ClientSession(timeout=timeout)
         hello: dict[str, Any] = {"type": "hello", "role": self.role, "name": self.name, **(extra or {})}
         if self.peer_id and self._resume_token:
             hello["resume"] = {"peer_id": self.peer_id, "token": self._resume_token}
         try:
-            self._ws = await self._session.ws_connect(self._url, heartbeat=HEARTBEAT_S, max_msg_size=1 << 20)
+            self._ws = await self._session.ws_connect(
+                self._url, max_msg_size=1 << 20, timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_S)
+            )
             await self._ws.send_json(hello)
-            welcome = await asyncio.wait_for(self._ws.receive_json(), self._connect_timeout)
+            welcome = await asyncio.wait_for(self._ws.receive_json(), limit)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError, TypeError) as exc:
             await self.shutdown()
             raise CoordinatorError(
@@ -114,22 +131,43 @@ class SignalingClient:
         await self.send({"type": "signal", "to": to, "data": data})
 
     async def run(self) -> None:
-        """Read messages until the WebSocket closes; then set ``closed``."""
-        if self._ws is None:
+        """Read messages until the WebSocket closes or falls silent; then set ``closed``.
+
+        Pings go out every :data:`HEARTBEAT_S`; the coordinator pings back, so a socket that
+        brings nothing for :data:`HEARTBEAT_MISSES` intervals is dead (partition, frozen
+        coordinator) and is closed here rather than left to TCP's minutes-long timeouts.
+        """
+        ws = self._ws
+        if ws is None:
             raise CoordinatorError("not connected")
+        pinger = asyncio.create_task(ping_forever(ws), name="coordinator-ping")
         try:
-            async for msg in self._ws:
-                if msg.type != aiohttp.WSMsgType.TEXT:
-                    continue
-                try:
-                    data = json.loads(msg.data)
-                except ValueError:
-                    log.warning("coordinator sent a non-JSON message")
-                    continue
-                if isinstance(data, dict):
-                    await self._dispatch(data)
+            async for data in receive_json(ws, HEARTBEAT_S * HEARTBEAT_MISSES, "the coordinator"):
+                await self._dispatch(data)
         finally:
+            pinger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pinger
             self.closed.set()
+
+    async def reconnect(self, extra: Callable[[], dict[str, Any] | None] | None = None) -> None:
+        """Connect again (keeping our peer id) until it works, pausing 0.5 s doubling to 2 s.
+
+        ``extra`` is called before each attempt for the hello's extra fields (e.g. what a node
+        hosts), so every attempt says what is true at that moment. Cancel to give up.
+        """
+        delay = 0.5
+        while True:
+            try:
+                await self.connect(
+                    extra() if extra is not None else None, timeout_s=min(self._connect_timeout, RECONNECT_TIMEOUT_S)
+                )
+                return
+            except CoordinatorError as exc:
+                pause = delay * random.uniform(0.75, 1.25)
+                log.info("coordinator still unreachable (%s); retrying in %.1f s", exc, pause)
+                await asyncio.sleep(pause)
+                delay = min(delay * 2, RECONNECT_MAX_S)
 
     async def _dispatch(self, data: dict[str, Any]) -> None:
         kind = data.get("type")
@@ -175,6 +213,46 @@ class SignalingClient:
     async def shutdown(self) -> None:
         await self._close_socket()
         self.closed.set()
+
+
+async def ping_forever(ws: aiohttp.ClientWebSocketResponse | Any, interval_s: float = HEARTBEAT_S) -> None:
+    """Send :data:`PING` every ``interval_s`` until the socket closes (or we are cancelled)."""
+    while not ws.closed:
+        await asyncio.sleep(interval_s)
+        try:
+            await ws.send_str(PING)
+        except (aiohttp.ClientError, ConnectionError, RuntimeError):
+            return
+
+
+async def receive_json(ws: Any, silent_s: float, other: str) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects arriving on ``ws`` (pings filtered out) until it closes or is silent too long.
+
+    Shared by both ends of the coordinator socket (aiohttp's client and server sockets have the
+    same ``receive``/``close``). Silence closes the socket, so its peer notices as well.
+    """
+    while not ws.closed:
+        try:
+            msg = await ws.receive(timeout=silent_s)
+        except TimeoutError:
+            log.warning("%s was silent for %.0f s; dropping the connection", other, silent_s)
+            with contextlib.suppress(Exception):
+                await ws.close()
+            return
+        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+            return
+        if msg.type == aiohttp.WSMsgType.ERROR:
+            log.info("connection to %s failed: %s", other, ws.exception())
+            return
+        if msg.type != aiohttp.WSMsgType.TEXT or msg.data == PING:
+            continue
+        try:
+            data = json.loads(msg.data)
+        except ValueError:
+            log.warning("%s sent a non-JSON message", other)
+            continue
+        if isinstance(data, dict):
+            yield data
 
 
 async def get_json(session: aiohttp.ClientSession, url: str, params: dict[str, str] | None = None) -> Any:

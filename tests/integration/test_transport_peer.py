@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import signal
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -341,3 +342,45 @@ async def test_two_processes_exchange_messages() -> None:
 def test_encode_whole_matches_the_fast_path() -> None:
     # The manager's fast path frames exactly like the splitter (3-byte header).
     assert encode_whole(b"abc") == b"K\x01\x00abc"
+
+
+async def test_heartbeat_measures_round_trip_and_keeps_idle_links(mesh: Mesh) -> None:
+    a, b = mesh.add("a"), mesh.add("b")
+    await a.send("b", b"hello")
+    await until(lambda: a.rtt_ms("b") is not None and b.rtt_ms("a") is not None, timeout=5)
+    rtt = a.rtt_ms("b")
+    assert rtt is not None and 0 < rtt < 500
+    # Idle for longer than the silence limit: pings keep the link alive and fresh.
+    await asyncio.sleep(4)
+    (info,) = a.links()
+    assert info.state == "open" and info.silent_ms < 2000 and info.rtt_ms is not None
+
+
+@pytest.mark.slow
+async def test_a_frozen_peer_is_dropped_within_the_heartbeat_limit_and_reconnected_after() -> None:
+    """SIGSTOP freezes the echo process (a stall or partition): silence is noticed in ~3 s, not ~30 s."""
+    replies: asyncio.Queue[bytes] = asyncio.Queue()
+    lost: asyncio.Queue[tuple[str, str, float]] = asyncio.Queue()
+
+    async def on_message(peer_id: str, data: bytes) -> None:
+        replies.put_nowait(data)
+
+    async def on_link_lost(peer_id: str, reason: str) -> None:
+        lost.put_nowait((peer_id, reason, time.monotonic()))
+
+    async with EchoProcess(on_message, connect_timeout=20, on_link_lost=on_link_lost) as echo:
+        assert echo.proc is not None
+        await echo.manager.send(ECHO_ID, ECHO + b"one")
+        assert await asyncio.wait_for(replies.get(), 20) == ECHO + b"one"
+        frozen = time.monotonic()
+        echo.proc.send_signal(signal.SIGSTOP)
+        try:
+            peer, reason, when = await asyncio.wait_for(lost.get(), 10)
+        finally:
+            echo.proc.send_signal(signal.SIGCONT)
+        assert peer == ECHO_ID and "silent" in reason
+        assert 2.5 <= when - frozen <= 5.0, when - frozen
+        assert not echo.manager.is_connected(ECHO_ID)
+        # Thawed, the echo peer has dropped its side too (or will); the next send opens a new link.
+        await echo.manager.send(ECHO_ID, ECHO + b"two")
+        assert await asyncio.wait_for(replies.get(), 20) == ECHO + b"two"
