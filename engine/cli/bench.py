@@ -5,6 +5,7 @@ targets instead, everything in one process run so the ratios compare like with l
 
   pipeline   our local engine vs transformers generate vs a 3-node WebRTC route (decode, batch 1)
   failover   kill -9 a routed node at token 5: identical output? stall? (bench_failover.py)
+  wan        time per token over an emulated 40 ms / 1% loss WAN vs delay+compute (bench_wan.py)
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def register(sub: Any) -> None:
     from engine.cli import bench_failover
 
     bench_failover.register(bsub)
+
+    from engine.cli import bench_wan
+
+    bench_wan.register(bsub)
 
 
 async def _decode_stats(pipeline: Any, prompt_ids: list[int], tokens: int) -> dict[str, Any]:

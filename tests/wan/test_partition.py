@@ -10,9 +10,6 @@ a run without the fault.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,100 +17,41 @@ from typing import Any
 
 import pytest
 
-from engine.launcher import LocalCluster, kluster_command
-from engine.wanemu import Topology
+from engine.wan_cluster import WanCluster, node_host
 
 pytestmark = [pytest.mark.slow, pytest.mark.wan, pytest.mark.timeout(400)]
 
 PROMPT = "Tell me about the history of Rome."
 CUT_AT = 5
 TOKENS = 40
-HOSTS = {"coordinator": "coord", "node-1": "n1", "node-2": "n2", "node-3": "n3"}
-
-_WAIT_FOR_ROUTE = """
-import sys, time, urllib.request, urllib.error
-deadline = time.monotonic() + float(sys.argv[2])
-while True:
-    try:
-        urllib.request.urlopen(sys.argv[1] + "/v1/route?model=smollm2-135m", timeout=5).read()
-        break
-    except (urllib.error.URLError, OSError):
-        if time.monotonic() > deadline:
-            sys.exit("no route in time")
-        time.sleep(0.3)
-"""
-
-
-def _generate(topo: Topology, url: str, on_event: Any = None) -> list[dict[str, Any]]:
-    """Run ``kluster generate --json`` on the client host; returns its events (bounded in time)."""
-    cmd = kluster_command(
-        "generate", "--coordinator", url, "--prompt", PROMPT, "--chat",
-        "--max-new-tokens", str(TOKENS), "--json", "--route-wait", "120",
-    )  # fmt: skip
-    proc = topo.host("client").popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    killer = threading.Timer(240, proc.kill)
-    killer.start()
-    events = []
-    try:
-        if proc.stdout is None:
-            raise RuntimeError("no stdout")
-        for line in proc.stdout:
-            event = json.loads(line)
-            events.append(event)
-            if on_event is not None:
-                on_event(event)
-        proc.wait(timeout=30)
-    finally:
-        killer.cancel()
-    stderr = proc.stderr.read() if proc.stderr is not None else ""
-    if stderr:
-        print(stderr[-4000:])
-    assert proc.returncode == 0, stderr[-2000:]
-    return events
 
 
 @pytest.mark.parametrize("cut_s", [10, 45])
 def test_partitioned_node_is_detected_resignalled_and_output_identical(
     wan_root: None, smollm2_pack3: Path, tmp_path: Path, cut_s: float
 ) -> None:
-    with Topology(["coord", "client", "n1", "n2", "n3"], seed=3) as topo:
+    with WanCluster(smollm2_pack3, 3, tmp_path, seed=3) as grid:
         for host in ("client", "n1", "n2", "n3"):
-            topo.set_link(host, delay_ms=5)  # a LAN-like 10 ms round trip; the cut is what matters
-        cluster = LocalCluster(
-            smollm2_pack3,
-            nodes=3,
-            host=topo.host("coord").ip,
-            log_dir=tmp_path / "logs",
-            wrap=lambda name: topo.host(HOSTS[name]).exec_args([]),
-        )
-        try:
-            url = cluster.start()
-            waited = topo.host("client").run(
-                [sys.executable, "-c", _WAIT_FOR_ROUTE, url, "180"], timeout=200, capture_output=True, text=True
-            )
-            assert waited.returncode == 0, waited.stderr
+            grid.topo.set_link(host, delay_ms=5)  # a LAN-like 10 ms round trip; the cut is what matters
+        reference = grid.generate(PROMPT, TOKENS)
+        route = next(e for e in reference if e["event"] == "route")
+        assert route["event"] == "route" and len(route["nodes"]) == 3
+        victim = node_host(route["nodes"][1]["name"])
+        cut: dict[str, float] = {}
 
-            reference = _generate(topo, url)
-            route = reference[0]
-            assert route["event"] == "route" and len(route["nodes"]) == 3
-            victim = HOSTS[route["nodes"][1]["name"]]
-            cut: dict[str, float] = {}
+        def heal() -> None:
+            grid.topo.heal(victim)
+            cut["healed"] = time.monotonic()
 
-            def heal() -> None:
-                topo.heal(victim)
-                cut["healed"] = time.monotonic()
+        def on_event(event: dict[str, Any]) -> None:
+            if event["event"] == "token" and event["index"] == CUT_AT:
+                grid.topo.partition(victim)
+                cut["at"] = time.monotonic()
+                threading.Timer(cut_s, heal).start()
+            if event["event"] == "token" and event["index"] == CUT_AT + 1 and "at" in cut:
+                cut["next"] = time.monotonic()
 
-            def on_event(event: dict[str, Any]) -> None:
-                if event["event"] == "token" and event["index"] == CUT_AT:
-                    topo.partition(victim)
-                    cut["at"] = time.monotonic()
-                    threading.Timer(cut_s, heal).start()
-                if event["event"] == "token" and event["index"] == CUT_AT + 1 and "at" in cut:
-                    cut["next"] = time.monotonic()
-
-            events = _generate(topo, url, on_event)
-        finally:
-            cluster.stop()
+        events = grid.generate(PROMPT, TOKENS, on_event=on_event, extra=("--route-wait", "120"))
 
     done = next(e for e in events if e["event"] == "done")
     ref_done = next(e for e in reference if e["event"] == "done")
