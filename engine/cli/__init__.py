@@ -9,6 +9,7 @@ Every user mistake surfaces as a ``KlusterError`` whose message is printed on on
   node        a supplier's worker hosting one fragment
   fragments   pack a model into Tensor Fragments
   bench       benchmarks that print a table of ratios measured in one run
+  sim         simulate a large grid: our scheduler vs a Petals-style baseline
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def add_generation_options(p: argparse.ArgumentParser, *, prompt_required: bool)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli import bench, demo, fragments, generate, servers
+    from engine.cli import bench, demo, fragments, generate, servers, sim
 
     parser = argparse.ArgumentParser(prog="kluster", description="Run open models across a grid of GPUs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     servers.register(sub)
     fragments.register(sub)
     bench.register(sub)
+    sim.register(sub)
     return parser
 
 

@@ -69,8 +69,9 @@ _EXHAUSTIVE_LANE_COUNTS = 8
 _NO_LANES = -1
 #: Up to this many uneven lanes are laid out one by one against the running per-layer total.
 _SCORED_LANES = 256
-#: rebalance moves at most this many placed nodes (and at most half of the grid) before it
-#: prefers the fresh plan; each move is chosen among this many donor candidates.
+#: rebalance moves at most this many placed nodes (and at most half of the grid) in one call, and
+#: takes a fresh plan only if it moves no more than this many; each move is chosen among this
+#: many donor candidates.
 MAX_REBALANCE_MOVES = 16
 _DONORS_PER_MOVE = 8
 
@@ -929,8 +930,17 @@ def rebalance(
     incremental = _to_dict(grid, start, length)
 
     threshold = base * (1.0 + min_gain)
-    if incremental != live and b_inc > threshold and b_full <= b_inc * (1.0 + min_gain):
+    # The fresh plan is a reshuffle: only worth it when it moves few nodes, or when the kept spans
+    # cannot even serve every layer. Otherwise a big grid under churn would move thousands of
+    # nodes (each re-downloading weights and dropping its sessions) on one departure.
+    full_ok = len(_moved(live, full)) <= MAX_REBALANCE_MOVES or int(count.min()) == 0
+    if incremental != live and b_inc > threshold and (b_full <= b_inc * (1.0 + min_gain) or not full_ok):
         return incremental
-    if b_full > threshold:
+    if b_full > threshold and full_ok:
         return full
     return live
+
+
+def _moved(before: Mapping[str, Span], after: Mapping[str, Span]) -> list[str]:
+    """Nodes that had a span in ``before`` and hold a different one (or none) in ``after``."""
+    return [nid for nid, span in before.items() if after.get(nid) != span]
