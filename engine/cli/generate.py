@@ -131,7 +131,7 @@ async def run_remote(args: argparse.Namespace, coordinator: str, *, out: TextIO 
 async def _generate_remote(args: argparse.Namespace, coordinator: str, *, out: TextIO | None) -> dict[str, Any]:
     from engine.client.remote import RemotePipeline
 
-    pipeline = RemotePipeline(coordinator, args.model, route_wait_s=args.route_wait)
+    pipeline = RemotePipeline(coordinator, args.model, route_wait_s=args.route_wait, codec=args.codec)
     try:
         await pipeline.start()
         folder = await pipeline.fetch_tokenizer(paths.cache_dir())

@@ -4,7 +4,9 @@ A message is ``magic "KM" | version u8 | header length u32 (big endian) | header
 The header is a JSON object whose ``type`` selects one of the frozen dataclasses below; every
 field is type-checked and unknown fields are refused, so a peer on another version fails loudly
 instead of being half-understood. Tensor bytes are little endian, of an allow-listed dtype, with
-a shape whose size must match the payload exactly. Nothing received is ever unpickled.
+a shape whose size must match the payload exactly; hidden states may travel compressed
+(fp16/bf16/int8, ``engine.protocol.codec``, chosen per job in ``Forward.codec``). Nothing
+received is ever unpickled.
 
 Chunking to the data channel's message limit is the transport's job, not this module's.
 """
@@ -21,22 +23,13 @@ from typing import Any
 import torch
 
 from engine.errors import ProtocolError
+from engine.protocol import codec as codec_mod
+from engine.protocol.codec import MAX_TENSOR_ELEMENTS
 
 MAGIC = b"KM"
 VERSION = 1
 _PREFIX = struct.Struct("!2sBI")
 MAX_HEADER_BYTES = 64 * 1024
-#: Largest tensor accepted by default (elements); callers may pass tighter limits.
-MAX_TENSOR_ELEMENTS = 64 * 1024 * 1024
-MAX_RANK = 4
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-}
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -86,6 +79,9 @@ class Forward:
     #: run the tensor's tokens as successive steps of these sizes (empty: one step); a failover
     #: replays a session's exact step sequence this way, so the replacement's KV state is the same
     chunks: tuple[int, ...] = ()
+    #: how hidden states travel between hops (``engine.protocol.codec``), chosen per job: every
+    #: hop re-encodes its output with it; token ids always travel exactly
+    codec: str = codec_mod.DEFAULT_CODEC
 
 
 @dataclass(frozen=True)
@@ -146,11 +142,7 @@ def encode(msg: Message) -> bytes:
         if f.name == "tensor":
             if value is None:
                 continue
-            t = value.detach().to("cpu").contiguous()
-            if t.dtype not in _DTYPE_NAMES:
-                raise ProtocolError(f"dtype {t.dtype} cannot be sent")
-            header["tensor"] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape)}
-            payload = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+            header["tensor"], payload = codec_mod.encode(value, getattr(msg, "codec", codec_mod.DEFAULT_CODEC))
         elif f.default is MISSING or value != f.default:  # defaults are implied: smaller headers
             header[f.name] = _plain(value)
     head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
@@ -238,27 +230,14 @@ def _optional(v: Any, parse: Callable[[Any], Any]) -> Any:
     return None if v is None else parse(v)
 
 
+def _codec(v: Any) -> str:
+    if v not in codec_mod.CODECS:
+        raise _fail(f"unknown codec {v!r} (known: {', '.join(codec_mod.CODECS)})")
+    return str(v)
+
+
 def _tensor(desc: Any, payload: memoryview, max_elements: int) -> torch.Tensor:
-    desc = _obj(desc, "tensor", {"dtype", "shape"})
-    dtype = DTYPES.get(desc["dtype"]) if isinstance(desc["dtype"], str) else None
-    if dtype is None:
-        raise _fail(f"dtype {desc['dtype']!r} not allowed (allowed: {', '.join(DTYPES)})")
-    shape = desc["shape"]
-    if not isinstance(shape, list) or not 1 <= len(shape) <= MAX_RANK:
-        raise _fail(f"tensor rank must be 1-{MAX_RANK}")
-    dims = [_int(d, "shape", 0, max_elements) for d in shape]
-    numel = math.prod(dims)
-    if numel > max_elements or math.prod(max(d, 1) for d in dims) > max_elements:
-        raise _fail(f"tensor of {numel} elements exceeds the limit of {max_elements}")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if len(payload) != numel * itemsize:
-        raise _fail(f"payload has {len(payload)} bytes, shape {dims} of {desc['dtype']} needs {numel * itemsize}")
-    if numel == 0:
-        return torch.empty(dims, dtype=dtype)
-    t = torch.frombuffer(bytearray(payload), dtype=dtype).reshape(dims)
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise _fail("tensor holds NaN or infinite values")
-    return t
+    return codec_mod.decode(desc, payload, "cpu", max_elements=max_elements)
 
 
 def decode(data: bytes | bytearray | memoryview, *, max_elements: int = MAX_TENSOR_ELEMENTS) -> Message:
@@ -308,6 +287,7 @@ def decode(data: bytes | bytearray | memoryview, *, max_elements: int = MAX_TENS
                 ring=_int(h.get("ring", 0), "ring", 0, 10_000_000),
                 stop_ids=_stop_ids(h.get("stop_ids", [])),
                 chunks=_chunks(h.get("chunks", [])),
+                codec=_codec(h.get("codec", codec_mod.DEFAULT_CODEC)),
             )
         if tensor_desc is not None or len(payload):
             raise _fail("unexpected tensor payload")

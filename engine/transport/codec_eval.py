@@ -31,7 +31,7 @@ from engine.errors import ConfigError
 from engine.models.kv_cache import KVCache
 from engine.models.llama import FragmentModel
 from engine.models.sampling import SamplingParams, sample
-from engine.transport import codec as wire
+from engine.protocol import codec as wire
 
 log = logging.getLogger(__name__)
 

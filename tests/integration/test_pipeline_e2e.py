@@ -116,3 +116,57 @@ def test_chat_answer_through_route_mentions_paris(cluster3: LocalCluster, smollm
     ids = asyncio.run(run())
     assert "Paris" in tokenizer.decode(ids)
     assert ids[-1] in tokenizer.stop_ids
+
+
+def _local_with_codec(
+    folder: Path, spans: list[tuple[int, int]], prompt: list[int], n: int, name: str, sampling: SamplingParams
+) -> list[int]:
+    """What the route computes, in this process: the same executors, the codec at each boundary."""
+    import torch
+
+    from engine.fragments import torch_thread
+    from engine.fragments.executor import FragmentExecutor
+    from engine.protocol import codec
+
+    def run() -> list[int]:
+        executors = [FragmentExecutor(load_model(folder, a, b)) for a, b in spans]
+        feed, pos, out = torch.tensor(prompt, dtype=torch.int64), 0, []
+        for _ in range(n):
+            x = feed
+            for ex in executors:
+                res = ex.step_sync("s", pos, x, len(prompt) + n + 1, sampling)
+                if res.token_id is None:
+                    x = codec.decode(*codec.encode(res.hidden, name))
+            out.append(int(res.token_id))
+            pos += feed.shape[0]
+            feed = torch.tensor([res.token_id], dtype=torch.int64)
+        return out
+
+    return torch_thread.call(run)
+
+
+def test_int8_activations_through_the_route_match_int8_locally(cluster3: LocalCluster, smollm2_dir: Path) -> None:
+    """Per-job codec: every hop decodes, computes and re-encodes; the route equals its local replica.
+
+    Seeded sampling on a prompt where int8 changes the output (checked below), so the test would
+    fail if the route ignored the codec and sent fp32.
+    """
+    tokenizer = ModelTokenizer(smollm2_dir)
+    sampling = SamplingParams(temperature=1.0, top_p=1.0, seed=3)
+    request = _requests(tokenizer, sampling, n=24)[2]
+
+    async def run() -> tuple[list[int], list[tuple[int, int]]]:
+        remote = RemotePipeline(cluster3.url, "smollm2-135m", codec="int8")
+        try:
+            await remote.start()
+            spans = [(h.start, h.end) for h in remote.route]
+            return await _tokens(remote, request, tokenizer), spans
+        finally:
+            await remote.shutdown()
+
+    ids, spans = asyncio.run(run())
+    assert len(spans) == 3
+    local_int8 = _local_with_codec(smollm2_dir, spans, request.prompt_ids, len(ids), "int8", sampling)
+    local_fp32 = _local_with_codec(smollm2_dir, spans, request.prompt_ids, len(ids), "fp32", sampling)
+    assert local_int8 != local_fp32  # the codec matters for this prompt and seed
+    assert ids == local_int8

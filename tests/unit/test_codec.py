@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.errors import ProtocolError
-from engine.transport import codec
+from engine.protocol import codec
 from engine.transport.codec_eval import split_layers, text_windows
 
 HIDDEN = 576  # SmolLM2-135M

@@ -537,3 +537,21 @@ def test_fuzz_near_valid_json_header(case: tuple[dict[str, Any], bytes]) -> None
     out = decode_or_protocol_error(frame(json.dumps(header).encode(), payload))
     if out is not None:
         assert decode(encode(out)) == out
+
+
+def test_forward_carries_its_codec_and_compresses_hidden_states_but_not_token_ids() -> None:
+    from dataclasses import replace
+
+    hidden = torch.randn(1, 576, generator=torch.Generator().manual_seed(5))
+    plain = encode(forward(hidden))
+    packed = encode(replace(forward(hidden), codec="int8"))
+    out = decode(packed)
+    assert isinstance(out, Forward) and out.codec == "int8" and out.tensor is not None
+    assert len(split(plain)[1]) / len(split(packed)[1]) > 3.5  # tensor payload: 2304 bytes -> 642
+    assert out.tensor.dtype == torch.float32 and (out.tensor - hidden).abs().max() < 0.05
+    ids = torch.tensor([1, 2, 3], dtype=torch.int64)
+    assert torch.equal(decode(encode(replace(forward(ids), codec="int8"))).tensor, ids)  # ids stay exact
+    header, _ = split(plain)
+    assert "codec" not in header  # the default is implied
+    bad = packed.replace(b'"codec":"int8"', b'"codec":"int9"', 1)
+    rejects(bad, "codec")
