@@ -22,11 +22,26 @@ def register(sub: Any) -> None:
     p = sub.add_parser("sim", help="simulate the grid: our scheduler vs a Petals-style baseline")
     p.add_argument("--nodes", type=int, default=10_000, help="nodes online at the start (default 10000)")
     p.add_argument("--clients", type=int, default=None, help="concurrent users (default nodes / 20)")
-    p.add_argument("--duration", type=float, default=240.0, help="simulated seconds (default 240)")
-    p.add_argument("--warmup", type=float, default=60.0, help="seconds not measured at the start (default 60)")
+    p.add_argument(
+        "--duration", type=float, default=600.0, help="simulated seconds of requests; those in flight then run on (600)"
+    )
+    p.add_argument("--warmup", type=float, default=180.0, help="seconds not measured at the start (default 180)")
     p.add_argument("--seed", type=int, default=0, help="trace seed: same seed, same trace (default 0)")
-    p.add_argument("--node-life", type=float, default=4 * 3600.0, help="mean node session in s, 0 = no churn")
-    p.add_argument("--deadline", type=float, default=300.0, help="a request fails after this many s (default 300)")
+    p.add_argument(
+        "--node-life", type=float, default=3600.0, help="mean node session in s, heavy-tailed; 0 = no churn (3600)"
+    )
+    p.add_argument("--long-share", type=float, default=0.2, help="share of long generations (default 0.2)")
+    p.add_argument(
+        "--deadline", type=float, default=60.0, help="a request fails after this many s plus --deadline-per-token"
+    )
+    p.add_argument("--deadline-per-token", type=float, default=0.25, help="deadline s per generated token (0.25)")
+    p.add_argument(
+        "--baseline-failover",
+        choices=("retry", "replay"),
+        default="retry",
+        help="retry: restart the request from scratch on a new route (default, the issue's baseline); "
+        "replay: Petals' client, replace the failed span and replay it there",
+    )
     p.add_argument("--rebalance", type=float, default=30.0, help="seconds between our rebalance calls (default 30)")
     p.add_argument("--min-gain", type=float, default=0.15, help="rebalance min_gain (default 0.15)")
     p.add_argument(
@@ -53,7 +68,10 @@ def run(args: argparse.Namespace) -> int:
         warmup_s=args.warmup,
         seed=args.seed,
         node_mean_life_s=args.node_life,
+        long_share=args.long_share,
         deadline_s=args.deadline,
+        deadline_per_token_s=args.deadline_per_token,
+        baseline_failover=args.baseline_failover,
         rebalance_s=args.rebalance,
         min_gain=args.min_gain,
         ping_error=args.ping_error,

@@ -3,8 +3,12 @@
 Both policies replay one trace (``workload``): heterogeneous GPUs (``gpus``), heavy-tailed node
 churn, internet round trips between regions (``latency``) and a closed population of clients.
 Ours places spans with ``plan_spans``/``rebalance`` and routes with the load-aware
-``plan_route``; the baseline is Petals (``petals``, ``policies``). Token progress follows a
-queueing model (``fluid``); ``engine`` steps through time, ``report`` prints and plots.
+``plan_route``; the baseline is Petals (``petals``, ``policies``), failing over by retrying the
+request from scratch (the issue's baseline, default) or by Petals' own span replay. Token
+progress follows a queueing model (``fluid``); ``engine`` steps through time, ``report`` prints
+and plots. Requests are measured by when they were sent and followed to their end, so each one
+is completed or failed (at its deadline); throughput counts new tokens only (not the ones a
+retry generates again), including those of requests that later fail.
 
   gpus, latency, workload   the world: model and cards, network, trace
   config                    SimConfig (validated knobs)

@@ -5,6 +5,9 @@ in time order, then the placement policy may move spans, then new requests and r
 routed (each a real ``plan_route`` call, timed), then all running sessions advance at the token
 rates of the queueing model (``engine.sim.fluid``). Events inside a step act at their own time
 for what they decide (deadlines, replay and load times) but token rates change only per step.
+
+Clients stop sending at ``duration_s``; the run then goes on (churn included) until every
+request still in flight has ended, so each measured request is either completed or failed.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from engine.sim.latency import Network, ping_errors
 from engine.sim.metrics import Metrics
 from engine.sim.policies import MAX_FAILOVERS, ROUTE_RETRY_S, ROUTE_WAIT_S, Policy, backoff_s
 from engine.sim.report import RunResult
-from engine.sim.workload import RequestSpec, Trace
+from engine.sim.workload import RequestSpec, Trace, horizon_s
 
 _JOIN, _LEAVE, _LOADED = 0, 1, 2
 
@@ -41,6 +44,8 @@ class Session:
     ``next_try_s``; ours gives up at ``give_up_s``, Petals retries until the deadline. ``broken``
     lists the hops Petals still has to replace; ``excluded`` the nodes our client has seen fail;
     ``stall_s`` when the token in flight was lost (its latency includes the failover).
+    ``resume`` is how many tokens the client already has: after a retry from scratch the tokens
+    up to it are generated again but not delivered again.
     """
 
     sid: int
@@ -50,6 +55,7 @@ class Session:
     sent_s: float
     next_try_s: float
     give_up_s: float
+    deadline_at_s: float
     hops: list[routes.Hop] = field(default_factory=list)
     waiting: bool = True
     ready_s: float = math.inf
@@ -61,6 +67,8 @@ class Session:
     broken: list[routes.Hop] = field(default_factory=list)
     stall_s: float | None = None
     started: bool = False
+    resume: float = 0.0
+    failed_over: int = 0
 
 
 class Simulation:
@@ -77,7 +85,8 @@ class Simulation:
             self.net.add(n.node_id, n.region, n.last_mile_ms)
         for c in trace.clients:
             self.net.add(c.client_id, c.region, c.last_mile_ms)
-        self.metrics = Metrics(self.cfg.warmup_s)
+        self.metrics = Metrics(self.cfg.warmup_s, self.cfg.duration_s)
+        self.horizon_s = horizon_s(self.cfg)
         self.rng = np.random.default_rng([self.cfg.seed, 4])
         self.sessions: dict[int, Session] = {}
         self.alive: dict[str, int] = {}
@@ -90,7 +99,7 @@ class Simulation:
     # ------------------------------------------------------------------------------ set-up
 
     def _push(self, t: float, kind: int, i: int, generation: int = 0) -> None:
-        if t < self.cfg.duration_s:
+        if t < self.horizon_s:
             self._seq += 1
             heapq.heappush(self.events, (t, self._seq, kind, i, generation))
 
@@ -150,10 +159,10 @@ class Simulation:
     def _finish(self, s: Session, t: float, reason: str | None) -> None:
         """The request ends at t (``reason`` None: completed); its client thinks, then sends the next."""
         if reason is None:
-            if self.metrics.counts(t):
+            if self.metrics.measured(s.sent_s):
                 self.metrics.completed += 1
         else:
-            self.metrics.fail(t, reason)
+            self.metrics.fail(s.sent_s, reason)
         for i, _, _ in s.hops:
             self.grid.detach(i, s.sid, s.req.max_length)
         s.hops = []
@@ -166,14 +175,21 @@ class Simulation:
         nid = self.grid.ids[i]
         for sid in sorted(self.grid.users[i]):
             s = self.sessions[sid]
-            if self.metrics.counts(t):
+            if self.metrics.measured(s.sent_s):
                 self.metrics.failovers += 1
+            s.failed_over += 1
             s.tokens = math.floor(s.tokens)  # the token in flight is lost
+            s.resume = max(s.resume, s.tokens)
             s.stall_s = t if s.stall_s is None else s.stall_s
-            if self.policy.repair:
+            if self.policy.failover == "replay":
                 hop = next(h for h in s.hops if h[0] == i)
                 self.grid.detach(i, sid, s.req.max_length)
                 s.broken.append(hop)
+            elif self.policy.failover == "retry":
+                for j, _, _ in s.hops:
+                    self.grid.detach(j, sid, s.req.max_length)
+                s.hops, s.broken = [], []
+                s.tokens = 0.0  # from scratch: the prompt is prefilled again, every token generated again
             else:
                 for j, _, _ in s.hops:
                     self.grid.detach(j, sid, s.req.max_length)
@@ -197,16 +213,16 @@ class Simulation:
     def _decide(self, decide: Callable[[], list[routes.Hop]]) -> list[routes.Hop] | None:
         """One routing decision by the real code (exclusions included), timed; None when no route exists.
 
-        Wall-clock and CPU time are both kept: on a shared machine the wall clock also counts
-        time the process spent descheduled.
+        Wall-clock and CPU time (``process_time``) are both kept: on a shared machine the wall
+        clock also counts time the process spent descheduled.
         """
-        t0, c0 = time.perf_counter(), time.thread_time()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             hops = decide()
         except NoRouteError:
             hops = None
         self.metrics.route_ms.append((time.perf_counter() - t0) * 1000)
-        self.metrics.route_cpu_ms.append((time.thread_time() - c0) * 1000)
+        self.metrics.route_cpu_ms.append((time.process_time() - c0) * 1000)
         return hops
 
     def _try_route(self, s: Session, t: float) -> None:
@@ -214,7 +230,7 @@ class Simulation:
         client, rtt = self._rtt(s)
         grid, floor = self.grid, need * self.policy.kv_factor
         new: list[routes.Hop] | None
-        if not self.policy.repair or not s.hops:
+        if self.policy.failover != "replay" or not s.hops:
             failed = frozenset(s.excluded)
             new = self._decide(lambda: routes.full_route(grid, rtt, client, grid.full(floor) | failed))
             if new is not None:
@@ -240,7 +256,7 @@ class Simulation:
                 for i, _, _ in part:
                     self.grid.attach(i, s.sid, need)
         if new is None:
-            if self.policy.repair:
+            if self.policy.failover != "reroute":
                 s.attempt += 1
                 s.next_try_s = t + backoff_s(s.attempt)
             elif t >= s.give_up_s:
@@ -263,19 +279,23 @@ class Simulation:
             te, _, kind, i, generation = heapq.heappop(self.events)
             self._node_event(te, kind, i, generation)
         self._placement_step(t)
-        while self.requests and self.requests[0][0] < t1:
+        while self.requests and self.requests[0][0] < min(t1, self.cfg.duration_s):
             ts, c, k = heapq.heappop(self.requests)
             sid = self._sessions_made = self._sessions_made + 1
-            self.sessions[sid] = Session(sid, c, k, self.trace.request(c, k), ts, ts, ts + ROUTE_WAIT_S)
+            req = self.trace.request(c, k)
+            deadline = ts + self.cfg.deadline_after(req.new_tokens)
+            self.sessions[sid] = Session(sid, c, k, req, ts, ts, ts + ROUTE_WAIT_S, deadline)
+            if self.metrics.measured(ts):
+                self.metrics.sent += 1
         due = sorted((s.next_try_s, s.sid) for s in self.sessions.values() if s.waiting and s.next_try_s < t1)
         for when, sid in due:
             s = self.sessions.get(sid)
             if s is not None and s.waiting:
                 self._try_route(s, max(when, t))
         self._advance(t, t1)
-        deadline = self.cfg.deadline_s
-        for s in [s for s in self.sessions.values() if s.sent_s + deadline <= t1]:
-            self._finish(s, s.sent_s + deadline, "deadline")
+        for s in [s for s in self.sessions.values() if s.deadline_at_s <= t1]:
+            # told apart: too slow all along, or late because a node of its route left
+            self._finish(s, s.deadline_at_s, "deadline_after_failover" if s.failed_over else "deadline")
 
     def _advance(self, t: float, t1: float) -> None:
         running = [s for s in self.sessions.values() if not s.waiting and s.ready_s < t1]
@@ -287,33 +307,40 @@ class Simulation:
         rates = fluid.solve(sess, nodes, demand, delay, len(self.trace.nodes))
         self.grid.set_present(rates.present, rates.utilisation)
         lat, weight = [], []
-        produced_all = 0.0
+        produced_all = regenerated_all = 0.0
         for s, x in zip(running, rates.tokens_per_s.tolist(), strict=True):
             start = max(t, s.ready_s)
             if not s.started:
                 s.started = True
-                self.ttft_s.append(start + 1.0 / x - s.sent_s)
-            if s.stall_s is not None:
-                lat.append(start - s.stall_s + 1.0 / x)
-                weight.append(1.0)
-                s.stall_s = None
+                if self.metrics.measured(s.sent_s):
+                    self.ttft_s.append(start + 1.0 / x - s.sent_s)
             remaining = s.req.new_tokens - s.tokens
             produced = min(x * (t1 - start), remaining)
+            behind = max(s.resume - s.tokens, 0.0)  # tokens the client already had (retry from scratch)
+            if s.stall_s is not None and produced >= behind:
+                # the first new token after the failure: its latency covers the failover and any regeneration
+                lat.append(start + behind / x - s.stall_s + 1.0 / x)
+                weight.append(1.0)
+                s.stall_s = None
+            again = min(produced, behind)
             s.tokens += produced
-            produced_all += produced
-            if produced >= 1.0:
+            produced_all += produced - again
+            regenerated_all += again
+            if produced - again >= 1.0:
                 s.failovers_step = 0
             lat.append(1.0 / x)
-            weight.append(produced)
+            weight.append(produced - again)
             if produced >= remaining:
                 self._finish(s, start + remaining / x, None)
         if self.metrics.counts(t):
             self.metrics.tokens += produced_all
+            self.metrics.regenerated += regenerated_all
             self.metrics.add_latency(np.array(lat), np.array(weight))
             serving = self.grid.serving
             busy = float(rates.utilisation[serving].mean()) if serving.any() else 0.0
             self.metrics.busy_share.append(busy)
-        self.metrics.tokens_per_step.append(produced_all / (t1 - t))
+        if t < self.cfg.duration_s:
+            self.metrics.tokens_per_step.append(produced_all / (t1 - t))
 
     def run(self, progress: bool = False) -> RunResult:
         self._start()
@@ -325,6 +352,18 @@ class Simulation:
             self._step(t, min(t + self.cfg.dt_s, self.cfg.duration_s))
             bar.update(1)
         bar.close()
+        # no new requests: follow those in flight to their end (each is failed at its deadline at the latest)
+        t = self.cfg.duration_s
+        while self.sessions and t < self.horizon_s:
+            self._step(t, t + self.cfg.dt_s)
+            t += self.cfg.dt_s
+        self.metrics.drain_s = t - self.cfg.duration_s
         return RunResult.collect(
-            self.policy.name, self.cfg, self.metrics, self.policy.placement, self.ttft_s, time.perf_counter() - wall
+            self.policy.name,
+            self.policy.failover,
+            self.cfg,
+            self.metrics,
+            self.policy.placement,
+            self.ttft_s,
+            time.perf_counter() - wall,
         )

@@ -25,10 +25,20 @@ def percentile(values: list[float], q: float) -> float:
 
 @dataclass
 class Metrics:
-    """Counters of one policy's run; only events at or after ``warmup_s`` count."""
+    """Counters of one policy's run over the window [``warmup_s``, ``end_s``).
+
+    Tokens, routes and latencies count when they happen inside the window; requests (completed,
+    failed, failovers) count when they were sent inside it, whenever they end.
+    """
 
     warmup_s: float
+    end_s: float
     tokens: float = 0.0
+    #: tokens generated again after a retry from scratch (not in ``tokens``: the client had them)
+    regenerated: float = 0.0
+    sent: int = 0
+    #: simulated seconds after ``end_s`` until the last request in flight ended
+    drain_s: float = 0.0
     completed: int = 0
     failed: int = 0
     failed_reasons: dict[str, int] = field(default_factory=dict)
@@ -44,15 +54,20 @@ class Metrics:
     busy_share: list[float] = field(default_factory=list)
 
     def counts(self, t: float) -> bool:
-        return t >= self.warmup_s
+        """Whether something happening at t is measured."""
+        return self.warmup_s <= t < self.end_s
+
+    def measured(self, sent_s: float) -> bool:
+        """Whether a request sent at ``sent_s`` is measured (``counts`` of its send time)."""
+        return self.counts(sent_s)
 
     def add_latency(self, seconds: np.ndarray, weights: np.ndarray) -> None:
         """Token latencies (one per token, or one per session with its token count as weight)."""
         idx = np.clip(np.searchsorted(_EDGES, seconds) - 1, 0, self.latency.size - 1)
         self.latency += np.bincount(idx, weights=weights, minlength=self.latency.size)
 
-    def fail(self, t: float, reason: str) -> None:
-        if self.counts(t):
+    def fail(self, sent_s: float, reason: str) -> None:
+        if self.measured(sent_s):
             self.failed += 1
             self.failed_reasons[reason] = self.failed_reasons.get(reason, 0) + 1
 

@@ -8,7 +8,12 @@ Node sessions are heavy-tailed: Lomax (Pareto II) with shape alpha and the confi
 law volunteer-computing traces follow (many short sessions, a few very long ones). The nodes
 present at time 0 have been up for a while, so their remaining time follows the stationary
 residual law, Lomax with shape alpha - 1 and the same scale; joins are Poisson at the rate that
-keeps the population steady (nodes / mean session).
+keeps the population steady (nodes / mean session). Churn goes on after ``duration_s`` until
+``horizon_s``, while the last requests are followed to their end.
+
+Requests mix chat (median ``new_tokens`` generated) and long generations (median
+``long_new_tokens``, share ``long_share``): the long ones run for minutes, long enough that a
+node of their route may leave meanwhile.
 """
 
 from __future__ import annotations
@@ -32,6 +37,12 @@ BANDWIDTH_SIGMA = 0.5
 LENGTH_SIGMA = 0.6
 MAX_PROMPT = 4096
 MAX_NEW = 1024
+MAX_LONG_NEW = 4096
+
+
+def horizon_s(cfg: SimConfig) -> float:
+    """When the last request sent before ``duration_s`` has surely ended: it is failed at its deadline."""
+    return cfg.duration_s + cfg.deadline_after(MAX_LONG_NEW)
 
 
 @dataclass(frozen=True)
@@ -83,7 +94,9 @@ class Trace:
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, 2, client, k])
         prompt = int(np.clip(round(cfg.prompt_tokens * rng.lognormal(0.0, LENGTH_SIGMA)), 1, MAX_PROMPT))
-        new = int(np.clip(round(cfg.new_tokens * rng.lognormal(0.0, LENGTH_SIGMA)), 1, MAX_NEW))
+        long = float(rng.uniform()) < cfg.long_share
+        median, cap = (cfg.long_new_tokens, MAX_LONG_NEW) if long else (cfg.new_tokens, MAX_NEW)
+        new = int(np.clip(round(median * rng.lognormal(0.0, LENGTH_SIGMA)), 1, cap))
         # first requests are spread over the first half of the warm-up
         think = float(rng.uniform(0.0, cfg.warmup_s / 2)) if k == 0 else float(rng.exponential(cfg.think_s))
         return RequestSpec(prompt, new, think)
@@ -118,7 +131,8 @@ def make_trace(cfg: SimConfig, model: SimModel) -> Trace:
     if churn:
         rate = cfg.nodes / cfg.node_mean_life_s
         t = float(rng.exponential(1.0 / rate))
-        while t < cfg.duration_s:
+        end = horizon_s(cfg)
+        while t < end:
             life = scale * float(rng.pareto(cfg.churn_alpha))
             nodes.append(_node(rng, len(nodes), model, t, t + life))
             t += float(rng.exponential(1.0 / rate))

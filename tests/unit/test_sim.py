@@ -20,6 +20,9 @@ from engine.sim.metrics import weighted_percentile
 from engine.sim.policies import MAX_BACKOFF_S, backoff_s, baseline, ours
 from engine.sim.workload import make_trace
 
+#: a small grid where nodes leave every few minutes and half the requests are long generations
+CHURNY = dict(nodes=120, clients=24, duration_s=360.0, warmup_s=60.0, node_mean_life_s=900.0, long_share=0.5)
+
 SMALL = dict(nodes=60, clients=12, duration_s=150.0, warmup_s=30.0)
 
 
@@ -167,6 +170,8 @@ def test_trace_is_a_pure_function_of_the_seed() -> None:
         dict(churn_alpha=1.0),
         dict(dt_s=float("nan")),
         dict(min_gain=-0.1),
+        dict(long_share=1.5),
+        dict(baseline_failover="forever"),
     ],
 )
 def test_bad_settings_are_config_errors(bad: dict) -> None:
@@ -186,8 +191,12 @@ def test_cli_json_has_the_promised_keys(capsys: pytest.CaptureFixture[str]) -> N
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     assert out["baseline"]["placement_p99_ms"] is None  # Petals makes no placement decision we time
-    for key in ("throughput_ratio", "failed_ours", "failed_baseline", "decision_p99_ms"):
+    for key in ("throughput_ratio", "failed_ours", "failed_baseline", "decision_p99_ms", "decision_p99_cpu_ms"):
         assert isinstance(out[key], int | float), key
+    assert out["baseline_failover"] == "retry" == out["baseline"]["failover"]  # the issue's baseline by default
+    argv += ["--baseline-failover", "replay"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["baseline_failover"] == "replay"
     assert out["throughput_ratio"] == pytest.approx(
         out["ours"]["throughput_tok_s"] / out["baseline"]["throughput_tok_s"], rel=1e-2
     )
@@ -199,7 +208,8 @@ def test_cli_writes_the_plot(tmp_path: object, capsys: pytest.CaptureFixture[str
     argv = ["sim", "--nodes", "40", "--clients", "4", "--duration", "60", "--warmup", "10", "--plot", str(path)]
     assert main(argv) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "throughput ratio" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "throughput ratio" in out and "baseline failover: retry" in out
 
 
 # ------------------------------------------------------------------------------ whole runs
@@ -226,6 +236,8 @@ def test_both_policies_serve_the_same_clients(small_run: tuple) -> None:
         assert 1 <= r.mean_hops <= LLAMA_70B.num_layers
         assert 0 < r.token_p50_ms <= r.token_p99_ms
         assert r.route_decisions >= r.completed
+        # clients stop at duration_s, and every request sent in the window is then followed to its end
+        assert r.sent == r.completed + r.failed and r.drain_s > 0
     assert ours.placement_decisions >= 1 and base.placement_decisions == 0  # rebalance calls are timed
     assert result["decision_p99_ms"] == pytest.approx(ours.route_p99_ms, abs=1e-3)
     assert result["failed_ours"] == ours.failed and result["failed_baseline"] == base.failed
@@ -244,10 +256,24 @@ def _decoding_session(sim: Simulation) -> tuple[float, Session]:
         assert t < 100, "no session started"
 
 
+def _quiet(failover: str) -> SimConfig:
+    """No churn and no rebalance: only the client's failover is under test."""
+    return SimConfig(
+        nodes=40,
+        clients=3,
+        duration_s=400.0,
+        warmup_s=0.0,
+        node_mean_life_s=0,
+        rebalance_s=1e6,
+        seed=5,
+        baseline_failover=failover,
+        deadline_s=1000.0,
+    )
+
+
 @pytest.mark.parametrize("make", [ours, baseline])
 def test_a_node_leaving_mid_request_fails_over_and_keeps_the_tokens(make: object) -> None:
-    # no rebalance during the test: only the client's failover is under test here
-    cfg = SimConfig(nodes=40, clients=3, duration_s=400.0, warmup_s=0.0, node_mean_life_s=0, rebalance_s=1e6, seed=5)
+    cfg = _quiet("replay")
     sim = Simulation(make_trace(cfg, LLAMA_70B), LLAMA_70B, make(cfg, LLAMA_70B))  # type: ignore[operator]
     t, s = _decoding_session(sim)
     before, tokens = list(s.hops), math.floor(s.tokens)
@@ -262,12 +288,57 @@ def test_a_node_leaving_mid_request_fails_over_and_keeps_the_tokens(make: object
     assert s.hops[0][1] == 0 and s.hops[-1][2] == LLAMA_70B.num_layers
     assert all(x[2] == y[1] for x, y in itertools.pairwise(s.hops))  # contiguous layers
     kept = [h for h in before if h in s.hops]
-    if sim.policy.repair:  # Petals: only the failed span is replaced
+    if sim.policy.failover == "replay":  # Petals: only the failed span is replaced
         assert kept == [h for h in before if h[0] != victim]
     while s.sid in sim.sessions:
         sim._step(t, t + 1.0)
         t += 1.0
     assert sim.metrics.completed >= 1 and sim.metrics.failed == 0
+    assert sim.metrics.regenerated == 0
+
+
+def test_the_retry_baseline_restarts_from_scratch_and_regenerates_what_the_client_had() -> None:
+    cfg = _quiet("retry")
+    sim = Simulation(make_trace(cfg, LLAMA_70B), LLAMA_70B, baseline(cfg, LLAMA_70B))
+    t, s = _decoding_session(sim)
+    before, tokens = list(s.hops), math.floor(s.tokens)
+    victim = before[0][0]
+    affected = [sim.sessions[sid] for sid in sim.grid.users[victim]]
+    had = {a.sid: math.floor(a.tokens) for a in affected}
+    sim._node_event(t, _LEAVE, victim, 0)
+    assert s.waiting and s.tokens == 0 and s.resume == tokens >= 3 and s.hops == []
+    assert all(s.sid not in sim.grid.users[i] for i, _, _ in before)  # every host of the old route let go
+    while s.sid in sim.sessions and s.waiting:
+        sim._step(t, t + 1.0)
+        t += 1.0
+    assert s.hops[0][1] == 0 and s.hops[-1][2] == LLAMA_70B.num_layers and s.stall_s is not None
+    # the lost tokens are generated again but not counted again: the clients already had them
+    tokens_before = sim.metrics.tokens
+    while any(a.sid in sim.sessions and a.tokens < had[a.sid] for a in affected):
+        sim._step(t, t + 1.0)
+        t += 1.0
+    assert sim.metrics.regenerated == pytest.approx(sum(had.values()))
+    assert s.stall_s is None and sim.metrics.tokens > tokens_before
+    while s.sid in sim.sessions:
+        sim._step(t, t + 1.0)
+        t += 1.0
+    assert sim.metrics.completed >= 1 and sim.metrics.failed == 0
+
+
+def test_retry_from_scratch_loses_work_that_replay_keeps() -> None:
+    # the same churny trace with each baseline failover: restarting long generations from scratch
+    # costs both new tokens and requests that then miss their deadline
+    runs = {}
+    for mode in ("retry", "replay"):
+        cfg = SimConfig(**CHURNY, seed=0, baseline_failover=mode)
+        runs[mode] = Simulation(make_trace(cfg, LLAMA_70B), LLAMA_70B, baseline(cfg, LLAMA_70B)).run()
+    retry, replay = runs["retry"], runs["replay"]
+    assert retry.failovers > 0 and replay.failovers > 0
+    assert retry.regenerated_tokens > 0 == replay.regenerated_tokens
+    assert retry.throughput_tok_s < replay.throughput_tok_s
+    assert retry.failed > replay.failed
+    late = "deadline_after_failover"
+    assert retry.failed_reasons.get(late, 0) > replay.failed_reasons.get(late, 0)
 
 
 def test_the_baseline_piles_sessions_on_the_fastest_routes_and_ours_spreads_them() -> None:
