@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import math
 import os
 import select
 import signal
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -41,6 +42,22 @@ def kluster_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "engine.cli", *args]
 
 
+def share_memory_mb(pack_dir: Path, nodes: int) -> int:
+    """Memory (MiB) for each of ``nodes`` nodes to hold an even share of the pack's fragments.
+
+    A local cluster stands for machines that each hold a part of the model: with this much memory
+    placement gives every node about units/nodes fragments, so routes really are pipelines (on one
+    machine with plenty of RAM every node could otherwise hold the whole model).
+    """
+    from engine.fragments.store import read_pack
+    from engine.models.config import load_config
+    from engine.scheduler.placement import memory_for_units, pack_layout
+
+    pack = read_pack(pack_dir)
+    layout = pack_layout(pack.model_id, pack.manifests, load_config(pack.fragment_dir(0)))
+    return math.ceil(memory_for_units(layout, math.ceil(layout.units / max(1, nodes))) / 2**20)
+
+
 class LocalCluster:
     """A coordinator plus ``nodes`` node processes serving the pack in ``pack_dir``."""
 
@@ -55,6 +72,9 @@ class LocalCluster:
         host: str = "127.0.0.1",
         benchmark_s: float = 0.5,
         wrap: Callable[[str], list[str]] | None = None,
+        memory_mb: int | None = None,
+        node_args: Mapping[str, Sequence[str]] | None = None,
+        coordinator_args: Sequence[str] = (),
     ) -> None:
         self.pack_dir = pack_dir
         self.nodes = nodes
@@ -66,6 +86,12 @@ class LocalCluster:
         #: child name ("coordinator", "node-1", ...) -> command prefix, e.g. ``ip netns exec NS``
         #: to run each child in its own network namespace (WAN tests)
         self.wrap = wrap
+        #: ``--memory-mb`` of every node; None: an even share of the pack (``share_memory_mb``)
+        self.memory_mb = memory_mb
+        #: extra ``kluster node`` arguments per node name (later ones win, e.g. another --memory-mb)
+        self.node_args = dict(node_args or {})
+        #: extra ``kluster coordinator`` arguments
+        self.coordinator_args = list(coordinator_args)
         self.url = ""
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.node_procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -101,6 +127,7 @@ class LocalCluster:
                 "--announce",
                 "--db",
                 str(self.log_dir / "registry.sqlite3"),
+                *self.coordinator_args,
             ],
             stdout=subprocess.PIPE,
         )
@@ -130,6 +157,9 @@ class LocalCluster:
         ]
         if self.node_threads:
             args += ["--threads", str(self.node_threads)]
+        if self.memory_mb is None:
+            self.memory_mb = share_memory_mb(self.pack_dir, self.nodes)
+        args += ["--memory-mb", str(self.memory_mb), *self.node_args.get(name, ())]
         proc = self._spawn(name, args)
         self.node_procs[name] = proc
         return proc

@@ -102,9 +102,11 @@ def route_text(route_event: dict[str, Any]) -> str:
 async def run_remote(args: argparse.Namespace, coordinator: str, *, out: TextIO | None = None) -> dict[str, Any]:
     """Queue a job at the coordinator, and once it is granted a slot, generate through a route."""
     from engine.client.jobs import JobTicket
+    from engine.transport.signaling import ws_url
 
     if not 0 < args.route_wait <= 3600:
         raise ConfigError(f"--route-wait must be between 0 and 3600 seconds, got {args.route_wait:g}")
+    ws_url(coordinator)  # a malformed URL is a one-line error before anything is sent
     params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
     async with JobTicket(
         coordinator,

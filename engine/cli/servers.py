@@ -30,13 +30,26 @@ def register(sub: Any) -> None:
     )
     c.add_argument("--db", default=None, help="SQLite registry file (default: in the user data dir; ':memory:')")
     c.add_argument("--announce", action="store_true", help="print one JSON line with the URL once listening")
+    c.add_argument(
+        "--placement-settle",
+        type=float,
+        default=1.0,
+        help="seconds of quiet (no joins, leaves or measurements) before fragments are (re)placed (default 1)",
+    )
     c.set_defaults(handler=run_coordinator, default_loglevel="INFO")
 
-    n = sub.add_parser("node", help="run a node that hosts a fragment assigned by the coordinator")
+    n = sub.add_parser("node", help="run a node that hosts the fragments assigned by the coordinator")
     n.add_argument("--coordinator", required=True, help="coordinator URL, e.g. http://127.0.0.1:8765")
     n.add_argument("--name", required=True, help="a name for this node, shown in routes")
     n.add_argument("--cache-dir", type=Path, default=None, help="fragment cache (default: the user cache dir)")
     n.add_argument("--kv-budget-mb", type=int, default=1024, help="memory for KV caches of all sessions (MiB)")
+    n.add_argument(
+        "--memory-mb",
+        type=int,
+        default=None,
+        help="memory offered to the grid for weights and KV caches (MiB); placement gives the node no more "
+        "fragments than fit (default: 90%% of free VRAM, or half of the available RAM)",
+    )
     n.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     n.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     n.add_argument(
@@ -49,7 +62,19 @@ def register(sub: Any) -> None:
         "--benchmark-seconds",
         type=float,
         default=1.0,
-        help="length of the start-up throughput benchmark reported to the coordinator (default 1)",
+        help="length of the throughput benchmark placement relies on (default 1)",
+    )
+    n.add_argument(
+        "--throttle",
+        type=float,
+        default=1.0,
+        help="test/demo knob: make this node F times slower, in its benchmark and in serving (default 1)",
+    )
+    n.add_argument(
+        "--claim-layers-per-s",
+        type=float,
+        default=None,
+        help="test knob: a speed to claim to the coordinator, which shows it and never uses it",
     )
     n.set_defaults(handler=run_node, default_loglevel="INFO")
 
@@ -84,7 +109,12 @@ def run_coordinator(args: argparse.Namespace) -> int:
     if args.db is None:
         paths.data_dir().mkdir(parents=True, exist_ok=True)
     db = args.db or str(paths.data_dir() / "coordinator.sqlite3")
-    coordinator = Coordinator(CoordinatorConfig(host=args.host, port=args.port, db_path=db, packs=packs))
+    if not 0 <= args.placement_settle <= 600:
+        raise ConfigError("--placement-settle must be between 0 and 600 seconds")
+    config = CoordinatorConfig(
+        host=args.host, port=args.port, db_path=db, packs=packs, placement_settle_s=args.placement_settle
+    )
+    coordinator = Coordinator(config)
 
     async def main() -> None:
         try:
@@ -110,6 +140,12 @@ def run_node(args: argparse.Namespace) -> int:
     cache = args.cache_dir or paths.cache_dir()
     if not 0.05 <= args.benchmark_seconds <= 60:
         raise ConfigError("--benchmark-seconds must be between 0.05 and 60")
+    if args.memory_mb is not None and args.memory_mb <= 0:
+        raise ConfigError("--memory-mb must be positive")
+    if not 1.0 <= args.throttle <= 1000.0:
+        raise ConfigError("--throttle must be between 1 and 1000")
+    if args.claim_layers_per_s is not None and not 0 < args.claim_layers_per_s < 1e12:
+        raise ConfigError("--claim-layers-per-s must be positive")
     node = Node(
         NodeConfig(
             args.coordinator,
@@ -119,6 +155,9 @@ def run_node(args: argparse.Namespace) -> int:
             args.threads,
             args.device,
             benchmark_s=args.benchmark_seconds,
+            memory_mb=args.memory_mb,
+            throttle=args.throttle,
+            claimed_layers_per_s=args.claim_layers_per_s,
         )
     )
 

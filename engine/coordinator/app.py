@@ -1,20 +1,29 @@
 """The coordinator: the control plane the maintainers run (``kluster coordinator``).
 
-It never carries activations. It registers nodes over a WebSocket, tells each which fragment to
-host, serves fragment files and tokenizers over HTTP, relays WebRTC offers/answers between peers,
-and answers "which nodes should my request go through" with a route.
+It never carries activations. It registers nodes over a WebSocket, has each measure itself, tells
+each which span of fragments to host (placement by measured throughput and memory, see
+``engine.scheduler.placement``), serves fragment files and tokenizers over HTTP, relays WebRTC
+offers/answers between peers, and answers "which nodes should my request go through" with the
+fastest route over measured round trips, speeds and loads.
 
 WebSocket ``/v1/ws`` messages (JSON objects with a ``type``):
-  peer -> coord   hello {role: node|client, name, resume?: {peer_id, token}, hosting?: {model_id, fragment}}
+  peer -> coord   hello {role: node|client, name, resume?: {peer_id, token},
+                         hosting?: {model_id, units: [a, b]}, claimed_layers_per_s?}
                   first message, within ``hello_timeout_s``; ``resume`` keeps the peer id across a
-                  reconnect, ``hosting`` keeps a node's loaded fragment
+                  reconnect, ``hosting`` keeps a node's loaded fragments a..b-1; a claimed speed is
+                  shown but never used for placement
   coord -> peer   welcome {peer_id, resume_token, ice_servers}
   coord -> client node_gone {peer_id, name}  a node's socket closed: routes through it are broken
   coord -> client node_ready {peer_id}        a node (new or back after a blip) can be routed through
   both ways       ping                        every ``heartbeat_s``; 3 silent intervals drop the socket
-  coord -> node   assign {model_id, manifest, files_url}
-  node -> coord   ready {model_id, fragment, capability} | failed {message} | draining {}
-  node -> coord   rtt {peers: {peer_id: ms}}  measured heartbeat round trips to linked peers
+  coord -> node   measure {model_id, config, dtype}   benchmark this architecture before placement
+  node -> coord   capability {model_id, capability}   hardware, measured throughput, memory offered
+  coord -> node   assign {model_id, units: [a, b], manifests: [...], files_url}
+                  fetch, verify and load fragments a..b-1 (files under files_url + name + "/"),
+                  keep serving the old span until then
+  node -> coord   ready {model_id, units: [a, b]} | failed {message} | draining {}
+  node -> coord   rtt {peers: {peer_id: ms}, sessions?}  measured heartbeat round trips to linked
+                  peers, and the node's live sessions (routing load)
   peer -> coord   signal {to, data}           relayed as signal {from, data}
   coord -> peer   signal_error {to, message}  the target is not connected
 """
@@ -22,6 +31,7 @@ WebSocket ``/v1/ws`` messages (JSON objects with a ``type``):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -35,12 +45,14 @@ from engine import __version__
 from engine.coordinator import events
 from engine.coordinator.events import EventHub
 from engine.coordinator.jobs_api import JobService, add_job_routes
-from engine.coordinator.registry import Registry
-from engine.errors import KlusterError, NoRouteError
+from engine.coordinator.placer import Measurement, Placer
+from engine.coordinator.registry import NodeRow, Registry
+from engine.errors import ConfigError, FragmentError, KlusterError, NoRouteError
 from engine.fragments.manifest import CONFIG, WEIGHTS
 from engine.fragments.pack import TOKENIZER_FILES
 from engine.fragments.store import Pack, read_pack
-from engine.scheduler.placement import FragmentSlot, choose_fragment, plan_route
+from engine.models.config import parse_config
+from engine.scheduler.placement import HostView, PackLayout, Span, measured_layers_per_s, pack_layout, route_layers
 from engine.transport.signaling import CLOSE_S, HEARTBEAT_MISSES, HEARTBEAT_S, ping_forever, receive_json
 
 log = logging.getLogger(__name__)
@@ -62,6 +74,18 @@ class CoordinatorConfig:
     hello_timeout_s: float = 10.0
     #: STUN/TURN servers handed to peers (RTCIceServer dicts); empty means host candidates only
     ice_servers: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    #: copies of every fragment the placement aims for when capacity allows
+    min_replicas: int = 2
+    #: a rebalance moves nodes only for a bottleneck gain above this share (no thrashing)
+    min_gain: float = 0.15
+    #: placement runs once joins, leaves and measurements have been quiet this long ...
+    placement_settle_s: float = 1.0
+    #: ... and no node is still measuring (nodes starting together are planned together), but
+    #: never later than this after the first unplanned event
+    placement_max_wait_s: float = 20.0
+    #: no placement this soon after start: after a coordinator restart the nodes reconnect with
+    #: what they hold, and none should be moved to cover for one that is merely slower to return
+    placement_grace_s: float = 5.0
 
 
 def _error(status: int, err: KlusterError | str, code: str = "coordinator") -> web.Response:
@@ -70,6 +94,29 @@ def _error(status: int, err: KlusterError | str, code: str = "coordinator") -> w
     else:
         message = err
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def _span(raw: Any, units: int) -> Span | None:
+    """A fragment span [a, b) from a peer's message, if well-formed and within the pack."""
+    if not isinstance(raw, list | tuple) or len(raw) != 2:
+        return None
+    a, b = raw
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (a, b)) or not 0 <= a < b <= units:
+        return None
+    return int(a), int(b)
+
+
+def _positive(raw: Any) -> float | None:
+    if isinstance(raw, int | float) and not isinstance(raw, bool) and 0 < raw < 1e12:
+        return float(raw)
+    return None
+
+
+def _describe_span(layout: PackLayout, span: Span) -> str:
+    a, b = span
+    start, end = layout.layers(span)
+    units = f"fragment {a}" if b - a == 1 else f"fragments {a}-{b - 1}"
+    return f"{layout.model_id} {units} (layers {start}-{end - 1})"
 
 
 def _clean_rtts(raw: Any, limit: int = 256) -> dict[str, float]:
@@ -83,6 +130,18 @@ def _clean_rtts(raw: Any, limit: int = 256) -> dict[str, float]:
     return out
 
 
+def _read_config(pack: Pack) -> dict[str, Any]:
+    """The model's ``config.json`` as a dict (sent to nodes to benchmark; the manifests cover its hash)."""
+    path = pack.fragment_dir(0) / CONFIG
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise FragmentError(f"cannot read {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise FragmentError(f"{path} is not a JSON object")
+    return raw
+
+
 class Coordinator:
     """The aiohttp application and its in-memory view of connected peers."""
 
@@ -90,12 +149,24 @@ class Coordinator:
         self.config = config
         self.registry = Registry(config.db_path)
         self.packs: dict[str, Pack] = {}
+        #: per model: what a node benchmarks before placement (config.json as sent, dtype)
+        self._bench: dict[str, tuple[dict[str, Any], str]] = {}
+        layouts: dict[str, PackLayout] = {}
         for root in config.packs:
             pack = read_pack(root)
             self.packs[pack.model_id] = pack
-        self.slots = [
-            FragmentSlot(p.model_id, m.index, m.start, m.end) for p in self.packs.values() for m in p.manifests
-        ]
+            raw = _read_config(pack)
+            layouts[pack.model_id] = pack_layout(pack.model_id, pack.manifests, parse_config(raw))
+            self._bench[pack.model_id] = (raw, pack.manifests[0].dtype)
+        self.layouts = layouts
+        self.placer = Placer(layouts, min_replicas=config.min_replicas, min_gain=config.min_gain)
+        #: node -> live sessions it last reported (routing load)
+        self._sessions: dict[str, int] = {}
+        self._replan_task: asyncio.Task[None] | None = None
+        self._replan_dirty = False
+        self._replan_quiet_at = 0.0
+        self._replan_first: float | None = None
+        self._grace_until = 0.0
         self._sockets: dict[str, web.WebSocketResponse] = {}
         self._roles: dict[str, str] = {}
         #: proof of identity for peers that reconnect (issued in each welcome)
@@ -124,6 +195,7 @@ class Coordinator:
             db_path=self.config.db_path,
             hub=self.events,
             is_served=self.packs.__contains__,
+            served=lambda: sorted(self.packs),
             has_route=self._has_route,
         )
         return app
@@ -131,10 +203,37 @@ class Coordinator:
     def _has_route(self, model_id: str) -> bool:
         """Whether live ready nodes cover every layer now: the job queue starts a model's jobs only then."""
         try:
-            plan_route(model_id, self.slots, self.registry.online_nodes())
-        except NoRouteError:
+            self._plan_route(model_id, frozenset())
+        except (NoRouteError, ConfigError):
             return False
         return True
+
+    def _speed(self, peer_id: str, fallback: float) -> float:
+        m = self.placer.measurement(peer_id)
+        return m.layers_per_s if m is not None and m.layers_per_s > 0 else fallback
+
+    def _plan_route(self, model_id: str, exclude: frozenset[str]) -> list[tuple[NodeRow, int, int]]:
+        """The fastest route for ``model_id`` over ready nodes: [(node, first_layer, end_layer), ...].
+
+        Costs are measured: round trips nodes report (20 ms where unknown, and to the client,
+        whose position is unknown), each node's measured speed and its live sessions.
+        """
+        layout = self.layouts[model_id]
+        rows = {
+            n.peer_id: n
+            for n in self.registry.online_nodes()
+            if n.ready and n.model_id == model_id and n.span is not None and n.span[1] <= layout.units
+        }
+        known = [m.layers_per_s for p in rows if (m := self.placer.measurement(p)) is not None and m.layers_per_s > 0]
+        fallback = sum(known) / len(known) if known else 1.0  # e.g. taken back before re-measuring
+        hosts = []
+        for peer, row in rows.items():
+            if row.span is None:
+                continue
+            start, end = layout.layers(row.span)
+            hosts.append(HostView(peer, start, end, self._speed(peer, fallback), load=self._sessions.get(peer, 0)))
+        hops = route_layers(layout, hosts, self._rtts, exclude=exclude)
+        return [(rows[peer], start, end) for peer, start, end in hops]
 
     async def _health(self, _: web.Request) -> web.Response:
         return web.json_response({"ok": True, "version": __version__, "nodes": len(self._sockets)})
@@ -145,7 +244,11 @@ class Coordinator:
         for pack in self.packs.values():
             frags = []
             for m in pack.manifests:
-                hosts = [n for n in nodes if n.model_id == pack.model_id and n.fragment == m.index]
+                hosts = [
+                    n
+                    for n in nodes
+                    if n.model_id == pack.model_id and n.span is not None and n.span[0] <= m.index < n.span[1]
+                ]
                 frags.append(
                     {
                         "index": m.index,
@@ -168,28 +271,38 @@ class Coordinator:
         return web.json_response({"models": out})
 
     async def _nodes(self, _: web.Request) -> web.Response:
-        nodes = self.registry.describe()
-        for node in nodes:
-            node["rtt_ms"] = self._rtts.get(str(node["peer_id"]), {})
-        return web.json_response({"nodes": nodes})
+        """Live nodes: what each serves (``fragments``/``layers``, loaded), was assigned, measured and claimed."""
+        out = []
+        for node in self.registry.describe():
+            peer = str(node["peer_id"])
+            a, b = node.pop("unit_start"), node.pop("unit_end")
+            layout = self.layouts.get(str(node["model_id"]))
+            served = (a, b) if isinstance(a, int) and isinstance(b, int) else None
+            node["fragments"] = None if served is None else list(served)
+            node["layers"] = None if served is None or layout is None else list(layout.layers(served))
+            node.update(self.placer.describe(peer))
+            node["sessions"] = self._sessions.get(peer, 0)
+            node["rtt_ms"] = self._rtts.get(peer, {})
+            out.append(node)
+        return web.json_response({"nodes": out})
 
     async def _route(self, request: web.Request) -> web.Response:
         model_id = request.query.get("model", "")
         if model_id not in self.packs:
             served = ", ".join(sorted(self.packs)) or "none"
             return _error(404, f"model '{model_id}' is not served here (served: {served})", "model_not_found")
-        excluded = {p for p in request.query.get("exclude", "").split(",") if p}
-        nodes = [n for n in self.registry.online_nodes() if n.peer_id not in excluded]
+        excluded = frozenset(p for p in request.query.get("exclude", "").split(",") if p)
         try:
-            route = plan_route(model_id, self.slots, nodes)
+            route = self._plan_route(model_id, excluded)
         except NoRouteError as exc:
             return _error(503, exc)
+        layout = self.layouts[model_id]
         return web.json_response(
             {
                 "model_id": model_id,
                 "route": [
-                    {"peer_id": n.peer_id, "name": n.name, "index": s.index, "start": s.start, "end": s.end}
-                    for n, s in route
+                    {"peer_id": n.peer_id, "name": n.name, "index": layout.unit_of(start), "start": start, "end": end}
+                    for n, start, end in route
                 ],
             }
         )
@@ -250,8 +363,7 @@ class Coordinator:
             else:
                 self.registry.add_node(peer_id, name)
             self.events.node_event(events.NODE_JOINED, peer_id, name, resumed=resumed)
-            if not await self._take_back(peer_id, hello.get("hosting")):
-                await self._assign(peer_id, ws)
+            await self._node_joined(peer_id, ws, hello)
         pinger = asyncio.create_task(ping_forever(ws, self.config.heartbeat_s), name=f"ping-{peer_id}")
         try:
             async for data in receive_json(ws, self.config.heartbeat_s * HEARTBEAT_MISSES, f"{role} {name}"):
@@ -263,6 +375,9 @@ class Coordinator:
             if role == "node":
                 self.registry.set_offline(peer_id)
                 self._rtts.pop(peer_id, None)
+                self._sessions.pop(peer_id, None)
+                self.placer.left(peer_id)
+                self._replan_soon()
                 self.events.node_event(events.NODE_LEFT, peer_id, name)
                 await self._broadcast_to_clients({"type": "node_gone", "peer_id": peer_id, "name": name})
             log.info("%s %s (%s) disconnected", role, name, peer_id)
@@ -280,19 +395,38 @@ class Coordinator:
             return None
         return str(peer_id)
 
-    async def _take_back(self, peer_id: str, hosting: Any) -> bool:
-        """A node that already holds a fragment of a served model keeps it (no reload after a blip)."""
-        if not isinstance(hosting, dict):
-            return False
-        pack = self.packs.get(str(hosting.get("model_id")))
-        index = hosting.get("fragment")
-        if pack is None or not isinstance(index, int) or not 0 <= index < len(pack.manifests):
-            return False
-        self.registry.assign(peer_id, pack.model_id, index)
-        self.registry.set_ready(peer_id, True)
-        log.info("node %s still hosts %s fragment %d", peer_id, pack.model_id, index)
+    async def _node_joined(self, peer_id: str, ws: web.WebSocketResponse, hello: dict[str, Any]) -> None:
+        """Keep what a reconnecting node still hosts, then have every node measure itself for its model.
+
+        Placement waits for the measurement: only a speed the node measured on this model's layers
+        places it, never the one it may claim in its hello.
+        """
+        claimed = _positive(hello.get("claimed_layers_per_s"))
+        hosting = hello.get("hosting")
+        model_id = await self._take_back(peer_id, hosting, claimed) if isinstance(hosting, dict) else None
+        if model_id is None:
+            model_id = self.placer.choose_model()
+            if model_id is None:
+                log.warning("node %s joined but no model is served", peer_id)
+                return
+            self.placer.joined(peer_id, model_id, claimed)
+        config, dtype = self._bench[model_id]
+        self.placer.measuring(peer_id, asyncio.get_running_loop().time())
+        await ws.send_json({"type": "measure", "model_id": model_id, "config": config, "dtype": dtype})
+
+    async def _take_back(self, peer_id: str, hosting: dict[str, Any], claimed: float | None) -> str | None:
+        """A node that already holds fragments of a served model keeps them (no reload after a blip)."""
+        model_id = str(hosting.get("model_id"))
+        layout = self.layouts.get(model_id)
+        span = None if layout is None else _span(hosting.get("units"), layout.units)
+        if layout is None or span is None:
+            return None
+        self.placer.joined(peer_id, model_id, claimed)
+        self.placer.hosting(peer_id, model_id, span)
+        self.registry.set_span(peer_id, model_id, span, ready=True)
+        log.info("node %s still hosts %s", peer_id, _describe_span(layout, span))
         await self._broadcast_to_clients({"type": "node_ready", "peer_id": peer_id})
-        return True
+        return model_id
 
     async def _broadcast_to_clients(self, message: dict[str, Any]) -> None:
         """Tell every connected client at once (a client whose route used a lost node fails over)."""
@@ -303,24 +437,88 @@ class Coordinator:
                 except (ConnectionError, RuntimeError) as exc:
                     log.debug("could not notify %s: %s", peer_id, exc)
 
-    async def _assign(self, peer_id: str, ws: web.WebSocketResponse) -> None:
-        slot = choose_fragment(self.slots, self.registry.online_nodes())
-        if slot is None:
-            log.warning("node %s joined but no model is served", peer_id)
+    # ------------------------------------------------------------- placement
+
+    def _replan_soon(self) -> None:
+        """Ask for a placement run once things settle (see ``placement_settle_s``)."""
+        if self._closed:
             return
-        manifest = self.packs[slot.model_id].manifests[slot.index]
-        log.info(
-            "assigning %s fragment %d (layers %d-%d) to %s", slot.model_id, slot.index, slot.start, slot.end, peer_id
-        )
-        self.registry.assign(peer_id, slot.model_id, slot.index)
-        await ws.send_json(
-            {
-                "type": "assign",
-                "model_id": slot.model_id,
-                "manifest": manifest.to_json(),
-                "files_url": f"/v1/models/{slot.model_id}/fragments/{manifest.name}/",
-            }
-        )
+        now = asyncio.get_running_loop().time()
+        self._replan_dirty = True
+        self._replan_quiet_at = now + self.config.placement_settle_s
+        if self._replan_first is None:
+            self._replan_first = now
+        if self._replan_task is None or self._replan_task.done():
+            self._replan_task = asyncio.create_task(self._replan_when_settled(), name="placement")
+
+    async def _replan_when_settled(self) -> None:
+        loop = asyncio.get_running_loop()
+        limit = max(self.config.placement_max_wait_s, 2 * self.config.placement_settle_s)
+        while self._replan_dirty and not self._closed:
+            now = loop.time()
+            if now < self._grace_until:
+                await asyncio.sleep(min(0.5, self._grace_until - now))
+                continue
+            first = self._replan_first if self._replan_first is not None else now
+            quiet = now >= self._replan_quiet_at and self.placer.measuring_count(now, limit) == 0
+            if not quiet and now < first + limit:
+                await asyncio.sleep(0.1)
+                continue
+            self._replan_dirty = False
+            self._replan_first = None
+            try:
+                await self._replan()
+            except (KlusterError, ConnectionError, RuntimeError) as exc:
+                log.warning("placement run failed: %s", exc)
+
+    async def _replan(self) -> None:
+        """Run placement over live measured nodes and send every node whose span changed its assignment."""
+        for peer_id, model_id, span in self.placer.replan():
+            ws = self._sockets.get(peer_id)
+            if ws is None or ws.closed:
+                continue
+            layout = self.layouts[model_id]
+            manifests = self.packs[model_id].manifests[span[0] : span[1]]
+            log.info("assigning %s to %s", _describe_span(layout, span), peer_id)
+            await ws.send_json(
+                {
+                    "type": "assign",
+                    "model_id": model_id,
+                    "units": list(span),
+                    "manifests": [m.to_json() for m in manifests],
+                    "files_url": f"/v1/models/{model_id}/fragments/",
+                }
+            )
+
+    def _on_capability(self, peer_id: str, data: dict[str, Any]) -> None:
+        capability = data.get("capability")
+        if not isinstance(capability, dict) or data.get("model_id") != self.placer.model_of(peer_id):
+            log.warning("node %s sent a capability report for another model; ignored", peer_id)
+            return
+        self.registry.set_info(peer_id, json.dumps(capability))
+        memory = capability.get("memory")
+        offered = memory.get("offered_bytes") if isinstance(memory, dict) else None
+        offered = int(offered) if isinstance(offered, int) and not isinstance(offered, bool) and offered > 0 else 0
+        speed = measured_layers_per_s(capability)
+        self.placer.measured(peer_id, Measurement(speed, offered))
+        log.info("node %s measured %.0f layers/s, offers %d MiB", peer_id, speed, offered >> 20)
+        self._replan_soon()
+
+    async def _on_ready(self, peer_id: str, data: dict[str, Any]) -> None:
+        """Record what the node actually loaded: routes must never send layers to a node without them."""
+        model_id = str(data.get("model_id"))
+        layout = self.layouts.get(model_id)
+        span = None if layout is None else _span(data.get("units"), layout.units)
+        if layout is None or span is None:
+            self.registry.set_ready(peer_id, False)
+            log.warning("node %s reports fragments this coordinator does not serve", peer_id)
+            return
+        self.registry.set_span(peer_id, model_id, span, ready=True)
+        log.info("node %s ready with %s", peer_id, _describe_span(layout, span))
+        await self._broadcast_to_clients({"type": "node_ready", "peer_id": peer_id})
+        self.events.node_event(events.NODE_READY, peer_id, model_id=model_id, fragment=span[0], fragments=list(span))
+        if self.jobs is not None:
+            self.jobs.tick()  # queued jobs start now rather than at the next tick
 
     async def _on_message(self, peer_id: str, role: str, ws: web.WebSocketResponse, data: dict[str, Any]) -> None:
         kind = data.get("type")
@@ -330,30 +528,26 @@ class Coordinator:
                 await ws.send_json({"type": "signal_error", "to": data.get("to"), "message": "peer is not connected"})
                 return
             await target.send_json({"type": "signal", "from": peer_id, "data": data.get("data")})
+        elif kind == "capability" and role == "node":
+            self._on_capability(peer_id, data)
         elif kind == "ready" and role == "node":
-            capability = data.get("capability")
-            if isinstance(capability, dict):
-                self.registry.set_info(peer_id, json.dumps(capability))
-            # Record what the node actually loaded: after a reconnect mid-load it may differ from
-            # the latest assignment, and a route must never send layers to a node without them.
-            if not await self._take_back(peer_id, {"model_id": data.get("model_id"), "fragment": data.get("fragment")}):
-                self.registry.set_ready(peer_id, False)
-                log.warning("node %s reports a fragment this coordinator does not serve", peer_id)
-            log.info("node %s ready with %s fragment %s", peer_id, data.get("model_id"), data.get("fragment"))
-            self.events.node_event(
-                events.NODE_READY, peer_id, model_id=data.get("model_id"), fragment=data.get("fragment")
-            )
-            if self.jobs is not None:
-                self.jobs.tick()  # queued jobs start now rather than at the next tick
+            await self._on_ready(peer_id, data)
         elif kind == "rtt" and role == "node":
             self._rtts[peer_id] = _clean_rtts(data.get("peers"))
+            sessions = data.get("sessions")
+            if isinstance(sessions, int) and not isinstance(sessions, bool) and 0 <= sessions < 1_000_000:
+                self._sessions[peer_id] = sessions
         elif kind == "draining" and role == "node":
             self.registry.set_ready(peer_id, False)  # no new routes through it; live sessions finish
+            self.placer.retire(peer_id)
+            self._replan_soon()
             log.info("node %s is draining", peer_id)
             self.events.node_event(events.NODE_DRAINING, peer_id)
         elif kind == "failed" and role == "node":
-            self.registry.set_ready(peer_id, False)
-            log.warning("node %s failed to load its fragment: %s", peer_id, str(data.get("message"))[:300])
+            # It keeps serving what it had loaded (if anything); plan the model without it.
+            self.placer.retire(peer_id)
+            self._replan_soon()
+            log.warning("node %s failed to load its assignment: %s", peer_id, str(data.get("message"))[:300])
         else:
             self.registry.touch(peer_id)
 
@@ -361,6 +555,7 @@ class Coordinator:
 
     async def start(self) -> int:
         """Bind and start serving; returns the bound port (useful with port 0)."""
+        self._grace_until = asyncio.get_running_loop().time() + self.config.placement_grace_s
         self._runner = web.AppRunner(self.app(), handle_signals=False, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port)
@@ -374,6 +569,10 @@ class Coordinator:
         if self._closed:
             return
         self._closed = True
+        if self._replan_task is not None:
+            self._replan_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replan_task
         for ws in list(self._sockets.values()):
             await ws.close()
         if self._runner is not None:

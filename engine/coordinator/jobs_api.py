@@ -87,6 +87,8 @@ class JobService:
     ) -> None:
         self.store, self.hub, self.limits = store, hub, limits
         self._is_served, self._has_route, self._clock = is_served, has_route, clock
+        #: the served model ids, for error messages (set by add_job_routes)
+        self.served: Callable[[], list[str]] = list
         next_seq = store.next_seq()
         self.queue = JobQueue(limits, store.load_live(clock()), next_seq)
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
@@ -96,7 +98,10 @@ class JobService:
     # ------------------------------------------------------------ commands
 
     def submit(self, body: Any) -> Job:
-        sub = validate_submission(body, self._is_served)
+        try:
+            sub = validate_submission(body, self._is_served)
+        except ModelNotFoundError as exc:  # say what is served, so the user can correct the name
+            raise ModelNotFoundError(f"{exc} (served: {', '.join(self.served()) or 'none'})") from None
         if not sub.wait_for_route and not self._has_route(sub.model):
             raise NoRouteError(f"no route for model '{sub.model}' now: not enough live nodes serve it")
         job = self.queue.submit(sub, f"job-{secrets.token_hex(6)}", secrets.token_urlsafe(16), self._clock())
@@ -277,6 +282,7 @@ def add_job_routes(
     hub: EventHub,
     is_served: Callable[[str], bool],
     has_route: Callable[[str], bool],
+    served: Callable[[], list[str]] = list,
     limits: QueueLimits = DEFAULT_LIMITS,
     tick_s: float = 1.0,
     heartbeat_s: float = 15.0,
@@ -288,6 +294,7 @@ def add_job_routes(
     ``has_route(model)``: live nodes cover it now (jobs only start then; called once per model per tick).
     """
     service = JobService(JobStore(db_path), hub, is_served, has_route, limits, clock)
+    service.served = served
 
     async def submit(request: web.Request) -> web.StreamResponse:
         job = service.submit(await _json_body(request))

@@ -3,6 +3,10 @@
 Every node that ever registered keeps a row (history is useful to operators); ``online`` marks
 the ones with a live WebSocket. On start all rows are marked offline: live state is rebuilt by the
 nodes reconnecting, never trusted from a previous run.
+
+A row's span (``unit_start``..``unit_end``, in pack fragments) is what the node has LOADED and
+can serve, which is what routes may use; what the placement asked it to load next lives in the
+coordinator's memory, since it is recomputed from live measurements after a restart anyway.
 """
 
 from __future__ import annotations
@@ -10,9 +14,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
-
-from engine.scheduler.placement import NodeView
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -21,13 +24,27 @@ CREATE TABLE IF NOT EXISTS nodes (
     joined_at  REAL NOT NULL,
     last_seen  REAL NOT NULL,
     model_id   TEXT,
-    fragment   INTEGER,
+    unit_start INTEGER,
+    unit_end   INTEGER,
     ready      INTEGER NOT NULL DEFAULT 0,
     online     INTEGER NOT NULL DEFAULT 1,
     info       TEXT NOT NULL DEFAULT '{}'
 );
-CREATE INDEX IF NOT EXISTS nodes_online ON nodes(online, model_id, fragment);
 """
+#: Columns added since the first schema; a registry file from an older version gains them on open.
+_ADDED_COLUMNS = {"unit_start": "INTEGER", "unit_end": "INTEGER"}
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    """A live node as the coordinator's decisions see it: what it serves and whether it is usable."""
+
+    peer_id: str
+    name: str
+    model_id: str | None
+    #: fragments [start, end) of ``model_id`` the node has loaded, if any
+    span: tuple[int, int] | None
+    ready: bool
 
 
 class Registry:
@@ -37,6 +54,11 @@ class Registry:
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(nodes)")}
+        for column, kind in _ADDED_COLUMNS.items():
+            if column not in have:
+                self._db.execute(f"ALTER TABLE nodes ADD COLUMN {column} {kind}")
+        self._db.execute("CREATE INDEX IF NOT EXISTS nodes_online_span ON nodes(online, model_id)")
         self._db.execute("UPDATE nodes SET online = 0, ready = 0")
 
     def close(self) -> None:
@@ -49,9 +71,11 @@ class Registry:
             (peer_id, name, now, now, info),
         )
 
-    def assign(self, peer_id: str, model_id: str, fragment: int) -> None:
+    def set_span(self, peer_id: str, model_id: str, span: tuple[int, int], ready: bool) -> None:
+        """Record the fragments a node has loaded (and whether routes may use it now)."""
         self._db.execute(
-            "UPDATE nodes SET model_id = ?, fragment = ?, ready = 0 WHERE peer_id = ?", (model_id, fragment, peer_id)
+            "UPDATE nodes SET model_id = ?, unit_start = ?, unit_end = ?, ready = ?, last_seen = ? WHERE peer_id = ?",
+            (model_id, span[0], span[1], int(ready), time.time(), peer_id),
         )
 
     def set_ready(self, peer_id: str, ready: bool) -> None:
@@ -60,7 +84,7 @@ class Registry:
         )
 
     def set_info(self, peer_id: str, info: str) -> None:
-        """Store a node's capability report (JSON: hardware and measured throughput)."""
+        """Store a node's capability report (JSON: hardware, measured throughput, memory offered)."""
         self._db.execute("UPDATE nodes SET info = ? WHERE peer_id = ?", (info, peer_id))
 
     def touch(self, peer_id: str) -> None:
@@ -74,16 +98,19 @@ class Registry:
             "UPDATE nodes SET online = 0, ready = 0, last_seen = ? WHERE peer_id = ?", (time.time(), peer_id)
         )
 
-    def online_nodes(self) -> list[NodeView]:
+    def online_nodes(self) -> list[NodeRow]:
         rows = self._db.execute(
-            "SELECT peer_id, name, model_id, fragment, ready FROM nodes WHERE online = 1 ORDER BY joined_at"
+            "SELECT peer_id, name, model_id, unit_start, unit_end, ready FROM nodes WHERE online = 1 ORDER BY joined_at"
         ).fetchall()
-        return [NodeView(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+        return [
+            NodeRow(r[0], r[1], r[2], None if r[3] is None or r[4] is None else (int(r[3]), int(r[4])), bool(r[5]))
+            for r in rows
+        ]
 
     def describe(self) -> list[dict[str, object]]:
         rows = self._db.execute(
-            "SELECT peer_id, name, joined_at, last_seen, model_id, fragment, ready, online, info FROM nodes "
-            "WHERE online = 1 ORDER BY joined_at"
+            "SELECT peer_id, name, joined_at, last_seen, model_id, unit_start, unit_end, ready, online, info "
+            "FROM nodes WHERE online = 1 ORDER BY joined_at"
         ).fetchall()
-        keys = ("peer_id", "name", "joined_at", "last_seen", "model_id", "fragment", "ready", "online")
+        keys = ("peer_id", "name", "joined_at", "last_seen", "model_id", "unit_start", "unit_end", "ready", "online")
         return [{**dict(zip(keys, r[:-1], strict=True)), "capability": json.loads(r[-1])} for r in rows]

@@ -36,6 +36,8 @@ class ExecutorConfig:
 class _Session:
     cache: KVCache
     reserved: int
+    #: absolute layer this session's route enters the fragment at (fixed for the session's life)
+    first: int
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -74,7 +76,7 @@ class FragmentExecutor:
             log.info("dropping idle session %s", sid)
             del self._sessions[sid]
 
-    def _open(self, session: str, max_tokens: int) -> _Session:
+    def _open(self, session: str, max_tokens: int, first: int) -> _Session:
         cfg = self.model.cfg
         if max_tokens > min(self.config.max_context, cfg.max_position_embeddings):
             raise SessionError(
@@ -82,21 +84,27 @@ class FragmentExecutor:
                 f"{min(self.config.max_context, cfg.max_position_embeddings)}"
             )
         dtype = next(self.model.parameters()).dtype
-        need = KVCache.bytes_for(self.model.num_layers, cfg.num_key_value_heads, cfg.head_dim, max_tokens, dtype)
+        # Layers before ``first`` never run for this session, so their cache slots stay unallocated.
+        layers = self.model.end - first
+        need = KVCache.bytes_for(layers, cfg.num_key_value_heads, cfg.head_dim, max_tokens, dtype)
         self._expire_idle()
         if self.reserved_bytes + need > self.config.kv_budget_bytes:
             raise CapacityError(
                 f"node is full: {self.sessions} sessions hold {self.reserved_bytes / 2**20:.1f} MiB of its "
                 f"{self.config.kv_budget_bytes / 2**20:.1f} MiB KV budget; this session needs {need / 2**20:.1f} MiB"
             )
-        state = _Session(self.model.new_cache(max_tokens), need)
+        state = _Session(self.model.new_cache(max_tokens), need, first)
         self._sessions[session] = state
         return state
 
-    def check_input(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Refuse inputs that do not fit this fragment (shape, dtype, token range) before any compute."""
+    def check_input(self, tensor: torch.Tensor, first: int | None = None) -> torch.Tensor:
+        """Refuse inputs that do not fit this fragment (shape, dtype, token range) before any compute.
+
+        Token ids are expected only when the step starts at the fragment's embeddings; a step
+        entering at a later ``first`` layer takes hidden states.
+        """
         cfg = self.model.cfg
-        if self.model.has_embed:
+        if self.model.has_embed and (first is None or first == self.model.start):
             if tensor.dtype != torch.int64 or tensor.dim() != 1 or tensor.numel() == 0:
                 raise ProtocolError("the first fragment takes a 1-D int64 tensor of token ids")
             if int(tensor.min()) < 0 or int(tensor.max()) >= cfg.vocab_size:
@@ -117,8 +125,12 @@ class FragmentExecutor:
         sampling: SamplingParams | None = None,
         queued: float | None = None,
         chunks: tuple[int, ...] = (),
+        first: int | None = None,
     ) -> StepOutput:
         """Run positions ``pos..pos+T`` of ``session``; a new session must start at position 0.
+
+        ``first`` is the absolute layer the session's route enters this fragment at (default its
+        start): routes may join a node's span part-way, and then only layers ``first..end`` run.
 
         ``chunks`` splits the T tokens into successive steps of those sizes, exactly as if they
         had arrived one step at a time (a failover replays a session this way). Must run on the
@@ -126,7 +138,10 @@ class FragmentExecutor:
         the caller handed the work over, for the queue timing.
         """
         t0 = time.perf_counter()
-        x = self.check_input(tensor).to(self._device)
+        begin = self.model.start if first is None else first
+        if not self.model.start <= begin < max(self.model.end, self.model.start + 1):
+            raise ProtocolError(f"layer {begin} is outside this node's layers {self.model.start}-{self.model.end}")
+        x = self.check_input(tensor, begin).to(self._device)
         state = self._sessions.get(session)
         limit = max_tokens if state is None else state.cache.max_tokens
         if pos + x.shape[1] > limit:
@@ -136,7 +151,9 @@ class FragmentExecutor:
                 raise SessionLostError(f"unknown session {session} (expired, or this node restarted)")
             if self.draining:
                 raise SessionLostError("node is draining: it takes no new sessions")
-            state = self._open(session, max_tokens)
+            state = self._open(session, max_tokens, begin)
+        if begin != state.first:
+            raise ProtocolError(f"session {session} entered at layer {state.first}, this step at layer {begin}")
         if pos != state.cache.length:
             raise SessionError(f"session {session}: got position {pos}, expected {state.cache.length}")
         sizes = chunks or (x.shape[1],)
@@ -145,7 +162,7 @@ class FragmentExecutor:
         state.last_used = time.monotonic()
         outs, start = [], 0
         for size in sizes:
-            outs.append(self.model(x[:, start : start + size], pos + start, state.cache))
+            outs.append(self.model(x[:, start : start + size], pos + start, state.cache, first=begin))
             start += size
         out = outs[0] if len(outs) == 1 else outs[-1] if self.model.has_head else torch.cat(outs, dim=1)
         token = None
@@ -164,10 +181,11 @@ class FragmentExecutor:
         max_tokens: int,
         sampling: SamplingParams | None = None,
         chunks: tuple[int, ...] = (),
+        first: int | None = None,
     ) -> StepOutput:
         """``step_sync`` on the torch thread, awaited from the event loop."""
         return await torch_thread.run(
-            self.step_sync, session, pos, tensor, max_tokens, sampling, time.perf_counter(), chunks
+            self.step_sync, session, pos, tensor, max_tokens, sampling, time.perf_counter(), chunks, first
         )
 
     def warm_up(self, tokens: int = 8, steps: int = 3) -> None:
@@ -196,6 +214,10 @@ class FragmentExecutor:
         """Sessions used in the last ``within_s`` seconds (a vanished client's session is not live)."""
         now = time.monotonic()
         return sum(1 for s in self._sessions.values() if now - s.last_used <= within_s)
+
+    def has_session(self, session: str) -> bool:
+        """Whether ``session`` holds a cache here (a node keeps an old span alive for such sessions)."""
+        return session in self._sessions
 
     def close_session(self, session: str) -> bool:
         return self._sessions.pop(session, None) is not None

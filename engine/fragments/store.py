@@ -1,13 +1,15 @@
 """Reading packs and loading verified fragments.
 
-``load_fragment`` is the only way a node turns files into a model, and it always checks sizes
-and sha256 first: a corrupt, truncated or substituted fragment is refused with a clear error.
+``load_span`` (``load_fragment`` for one) is the only way a node turns files into a model, and it
+always checks sizes and sha256 first: a corrupt, truncated or substituted fragment is refused with a clear error.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,31 +72,55 @@ def load_fragment(
     folder: Path, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
 ) -> tuple[Manifest, FragmentModel]:
     """Verify the fragment in ``folder`` against its manifest, then build its model."""
-    manifest = read_manifest(folder)
-    verify_files(folder, manifest)
+    manifests, model = load_span([folder], dtype=dtype, device=device)
+    return manifests[0], model
+
+
+def _check_contiguous(manifests: Sequence[Manifest]) -> None:
+    """A span is consecutive fragments of one pack: same model, same dtype, each starting where the last ended."""
+    for prev, m in itertools.pairwise(manifests):
+        if (m.model_id, m.count, m.dtype) != (prev.model_id, prev.count, prev.dtype):
+            raise FragmentError(f"fragments {prev.name} and {m.name} do not belong to the same pack")
+        if m.index != prev.index + 1 or m.start != prev.end:
+            raise FragmentError(f"fragment {m.name} does not continue {prev.name} (layer {m.start} after {prev.end})")
+
+
+def load_span(
+    folders: Sequence[Path], *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> tuple[tuple[Manifest, ...], FragmentModel]:
+    """Verify consecutive fragments (one folder each, in layer order), then build ONE model of all their layers.
+
+    A node hosts a span of several fragments; one model over the whole span runs it as a single
+    fragment would (one KV cache per session, no per-fragment overhead), and the embeddings and
+    head come with the first and last fragment when they hold them.
+    """
+    if not folders:
+        raise FragmentError("a span needs at least one fragment")
+    manifests = tuple(read_manifest(f) for f in folders)
+    _check_contiguous(manifests)
+    for folder, manifest in zip(folders, manifests, strict=True):
+        verify_files(folder, manifest)
+    first, last = manifests[0], manifests[-1]
     try:
-        cfg = load_config(folder)
+        cfg = load_config(folders[0])
     except ModelFormatError as exc:
-        raise FragmentError(f"fragment {manifest.name}: {exc}") from None
-    if manifest.end > cfg.num_hidden_layers:
-        raise FragmentError(f"fragment {manifest.name} names layers beyond the model's {cfg.num_hidden_layers}")
-    tensors = read_tensors(folder, None) if (folder / WEIGHTS).is_file() else {}
-    target = dtype or _TORCH_DTYPES.get(manifest.dtype, torch.float32)
+        raise FragmentError(f"fragment {first.name}: {exc}") from None
+    if last.end > cfg.num_hidden_layers:
+        raise FragmentError(f"fragment {last.name} names layers beyond the model's {cfg.num_hidden_layers}")
+    tensors: dict[str, torch.Tensor] = {}
+    for folder in folders:
+        if (folder / WEIGHTS).is_file():
+            tensors.update(read_tensors(folder, None))
+    target = dtype or _TORCH_DTYPES.get(first.dtype, torch.float32)
+    names = first.name if len(manifests) == 1 else f"{first.name}..{last.name}"
     try:
         model = build_fragment(
-            cfg,
-            tensors,
-            manifest.start,
-            manifest.end,
-            embed=manifest.embed,
-            head=manifest.head,
-            dtype=target,
-            device=device,
+            cfg, tensors, first.start, last.end, embed=first.embed, head=last.head, dtype=target, device=device
         )
     except ModelFormatError as exc:
-        raise FragmentError(f"fragment {manifest.name} of {manifest.model_id}: {exc}") from None
-    log.info("loaded fragment %s of %s (layers %d-%d)", manifest.name, manifest.model_id, manifest.start, manifest.end)
-    return manifest, model
+        raise FragmentError(f"fragments {names} of {first.model_id}: {exc}") from None
+    log.info("loaded fragments %s of %s (layers %d-%d)", names, first.model_id, first.start, last.end)
+    return manifests, model
 
 
-__all__ = ["CONFIG", "Pack", "load_fragment", "read_pack"]
+__all__ = ["CONFIG", "Pack", "load_fragment", "load_span", "read_pack"]

@@ -183,9 +183,18 @@ class FragmentModel(nn.Module):
         *,
         all_logits: bool = False,
         skip: frozenset[int] = frozenset(),
+        first: int | None = None,
     ) -> torch.Tensor:
-        """Run the fragment at positions ``start_pos..start_pos+T``; ``skip`` names absolute layers to bypass."""
-        if self.embed_tokens is not None:
+        """Run the fragment at positions ``start_pos..start_pos+T``; ``skip`` names absolute layers to bypass.
+
+        ``first`` (an absolute layer, default the fragment's start) enters the fragment part-way: a
+        route may join a node's span in the middle, and then the input is hidden states, so the
+        embeddings run only when starting at the fragment's start.
+        """
+        begin = self.start if first is None else first
+        if not self.start <= begin < max(self.end, self.start + 1):
+            raise SessionError(f"cannot enter layers {self.start}-{self.end} at layer {begin}")
+        if self.embed_tokens is not None and begin == self.start:
             x = self.embed_tokens(x)
         p = self.layers[0].qkv.weight if len(self.layers) else x
         x = x.to(p.dtype)
@@ -196,7 +205,7 @@ class FragmentModel(nn.Module):
             cos, sin = self.rotary(start_pos, t, x.dtype, x.device)
             mask = attention_mask(start_pos, t, self.cfg.sliding_window, x.device)
             for slot, layer in enumerate(self.layers):
-                if self.start + slot in skip:
+                if self.start + slot < begin or self.start + slot in skip:
                     continue
                 x = layer(x, cos, sin, cache, slot, start_pos, mask)
         if cache is not None:

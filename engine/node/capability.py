@@ -379,6 +379,8 @@ class ThroughputReport:
     #: True when the hard time cap cut the decode loop short (fewer steps than asked for).
     capped: bool = False
     weight_bytes: int = 0
+    #: the node's ``--throttle`` test knob (1.0: full speed); the figures above already include it
+    throttle: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -437,8 +439,25 @@ def _random_layers(cfg: ModelConfig, layers: int, device: torch.device, dtype: t
     return model.eval()
 
 
+def throttle_pause(elapsed_s: float, throttle: float) -> None:
+    """Sleep so that work which took ``elapsed_s`` takes ``throttle`` times as long in all.
+
+    The ``--throttle`` test/demo knob: a node really is that much slower, in its benchmark and in
+    serving alike, so tests can run nodes of different speeds on one machine. Sleeping on the
+    torch thread holds back every later step of the node, exactly as slower hardware would.
+    """
+    if throttle > 1.0 and elapsed_s > 0:
+        time.sleep((throttle - 1.0) * elapsed_s)
+
+
 def _measure(
-    cfg: ModelConfig, device: str, dtype: torch.dtype, layers: int, tokens: int, seconds: float
+    cfg: ModelConfig,
+    device: str,
+    dtype: torch.dtype,
+    layers: int,
+    tokens: int,
+    seconds: float,
+    throttle: float = 1.0,
 ) -> ThroughputReport:
     """The benchmark proper; runs on the torch thread (see ``engine.fragments.torch_thread``)."""
     t_start = time.perf_counter()
@@ -477,6 +496,7 @@ def _measure(
     t0 = time.perf_counter()
     model(prompt, 0, cache)
     _sync(dev)
+    throttle_pause(time.perf_counter() - t0, throttle)
     prefill_s = time.perf_counter() - t0
 
     # Decode: context stays within [prefill, prefill + tokens) by rolling the cache back, so the
@@ -491,8 +511,10 @@ def _measure(
             break
         if cache.length >= prefill + tokens:
             cache.truncate(prefill)
+        t_step = time.perf_counter()
         model(step_in, cache.length, cache)
         _sync(dev)
+        throttle_pause(time.perf_counter() - t_step, throttle)
         steps += 1
         now = time.perf_counter()
     decode_s = now - t0
@@ -517,6 +539,7 @@ def _measure(
         total_s=time.perf_counter() - t_start,
         capped=capped,
         weight_bytes=layers * per_layer,
+        throttle=throttle,
     )
     if not all(math.isfinite(v) and v > 0 for v in (report.layers_per_s, report.prefill_tokens_per_s)):
         raise RuntimeError(f"benchmark produced a non-finite rate: {report}")  # a bug, not a user error
@@ -532,9 +555,11 @@ def _measure(
     return report
 
 
-def _check_args(layers: int, tokens: int, seconds: float) -> None:
+def _check_args(layers: int, tokens: int, seconds: float, throttle: float = 1.0) -> None:
     if layers < 1 or tokens < 1 or not 0 < seconds < float("inf"):
         raise ConfigError(f"benchmark needs layers >= 1, tokens >= 1, seconds > 0 (got {layers}, {tokens}, {seconds})")
+    if not 1.0 <= throttle <= 1000.0:
+        raise ConfigError(f"throttle must be between 1 and 1000, got {throttle}")
 
 
 def _on_torch_thread() -> bool:
@@ -551,6 +576,7 @@ def measure_throughput(
     layers: int = 2,
     tokens: int = 16,
     seconds: float = 1.0,
+    throttle: float = 1.0,
 ) -> ThroughputReport:
     """Benchmark ``layers`` random layers of ``cfg``'s architecture for about ``seconds``.
 
@@ -565,10 +591,10 @@ def measure_throughput(
     mis-measure and slow later compute (two OpenMP teams competing for cores). Blocking: from
     async code use ``measure_throughput_async``.
     """
-    _check_args(layers, tokens, seconds)
+    _check_args(layers, tokens, seconds, throttle)
     if _on_torch_thread():
-        return _measure(cfg, device, dtype, layers, tokens, seconds)
-    return torch_thread.call(_measure, cfg, device, dtype, layers, tokens, seconds)
+        return _measure(cfg, device, dtype, layers, tokens, seconds, throttle)
+    return torch_thread.call(_measure, cfg, device, dtype, layers, tokens, seconds, throttle)
 
 
 async def measure_throughput_async(
@@ -579,10 +605,38 @@ async def measure_throughput_async(
     layers: int = 2,
     tokens: int = 16,
     seconds: float = 1.0,
+    throttle: float = 1.0,
 ) -> ThroughputReport:
     """``measure_throughput`` awaited on the torch thread, leaving the event loop free meanwhile."""
-    _check_args(layers, tokens, seconds)
-    return await torch_thread.run(_measure, cfg, device, dtype, layers, tokens, seconds)
+    _check_args(layers, tokens, seconds, throttle)
+    return await torch_thread.run(_measure, cfg, device, dtype, layers, tokens, seconds, throttle)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory offered to the grid
+# --------------------------------------------------------------------------------------------
+
+#: Share of the free VRAM a GPU node offers by default (the rest absorbs fragmentation and the
+#: CUDA context) ...
+VRAM_SHARE = 0.9
+#: ... and of the available RAM a CPU node offers (its owner still uses the machine).
+RAM_SHARE = 0.5
+
+
+def default_memory_bytes(device: str) -> int:
+    """Memory (weights plus KV caches) a node offers the grid when ``--memory-mb`` is not given.
+
+    90% of the free VRAM on a CUDA device, else half of the available RAM; 0 when neither can be
+    read (the node is then given no layers rather than more than it can hold). Queries CUDA, so
+    call it on the torch thread for a CUDA device.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        return int(torch.cuda.mem_get_info(dev)[0] * VRAM_SHARE)
+    available = _meminfo().get("MemAvailable")
+    return 0 if available is None else int(available * RAM_SHARE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -637,10 +691,11 @@ async def capability_report_async(
     dtype: torch.dtype = torch.float32,
     throughput: ThroughputReport | None = None,
     seconds: float = 1.0,
+    throttle: float = 1.0,
 ) -> dict[str, Any]:
     """``capability_report`` for async code: NVML (which can take a second to initialise) runs in a
     worker thread and the benchmark on the torch thread."""
     if throughput is None and cfg is not None:
-        throughput = await measure_throughput_async(cfg, device=device, dtype=dtype, seconds=seconds)
+        throughput = await measure_throughput_async(cfg, device=device, dtype=dtype, seconds=seconds, throttle=throttle)
     gpu = await asyncio.to_thread(gpu_report)
     return _combine(gpu, throughput)

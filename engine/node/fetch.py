@@ -2,11 +2,13 @@
 
 Fragments are cached by model, fragment name and weights hash, so a restarted node (or several
 nodes on one machine) reuses what is already there; downloads go to a temporary directory that is
-renamed into place only after every hash matched.
+renamed into place only after every hash matched. Hashing runs in a worker thread: a node fetching
+a new span while it serves the old one must keep forwarding activations meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
@@ -32,7 +34,7 @@ async def fetch_fragment(session: aiohttp.ClientSession, base_url: str, manifest
     final = cache_path(cache_dir, manifest)
     if final.is_dir():
         try:
-            verify_files(final, manifest)
+            await asyncio.to_thread(verify_files, final, manifest)
             log.info("fragment %s found in cache at %s", manifest.name, final)
             return final
         except FragmentError as exc:
@@ -52,13 +54,13 @@ async def fetch_fragment(session: aiohttp.ClientSession, base_url: str, manifest
                             f.write(block)
             except aiohttp.ClientError as exc:
                 raise CoordinatorError(f"fetching {url} failed: {exc}") from None
-        verify_files(tmp, manifest)
+        await asyncio.to_thread(verify_files, tmp, manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2), encoding="utf-8")
         try:
             tmp.rename(final)
         except OSError:  # another process on this machine finished the same fragment first
             shutil.rmtree(tmp, ignore_errors=True)
-            verify_files(final, manifest)
+            await asyncio.to_thread(verify_files, final, manifest)
         return final
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

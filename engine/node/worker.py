@@ -1,7 +1,11 @@
-"""The node: hosts one fragment and serves it to clients and to the previous hop of routes.
+"""The node: hosts a span of fragments and serves it to clients and to the previous hop of routes.
 
-Life cycle: connect to the coordinator, receive an assignment, fetch and verify the fragment,
-load it, say ``ready``, then serve ``Forward`` messages arriving over WebRTC until shut down.
+Life cycle: connect to the coordinator, measure its own speed on the model's architecture when
+asked (placement trusts only that measurement), receive an assignment (a span of fragments),
+fetch and verify each fragment, load them as one model, say ``ready``, then serve ``Forward``
+messages arriving over WebRTC until shut down. A new assignment (a rebalance) is loaded while the
+old span keeps serving; then new sessions go to the new span, and the old one lives on until its
+live sessions finish, so a rebalance fails no request.
 A malformed or unserviceable message gets a typed ``ErrorReply`` to the requesting client (or to
 the sender when the message is too broken to name one); the node keeps serving everyone else.
 """
@@ -19,13 +23,14 @@ from typing import Any
 import aiohttp
 import torch
 
-from engine.errors import FragmentError, KlusterError, PeerError, ProtocolError
+from engine.errors import FragmentError, KlusterError, PeerError, ProtocolError, SessionLostError
 from engine.fragments import torch_thread
 from engine.fragments.executor import ExecutorConfig, FragmentExecutor
 from engine.fragments.manifest import Manifest, parse_manifest
-from engine.fragments.store import load_fragment
+from engine.fragments.store import load_span
+from engine.models.config import parse_config
 from engine.models.sampling import SamplingParams
-from engine.node.capability import capability_report_async
+from engine.node.capability import capability_report_async, default_memory_bytes, throttle_pause
 from engine.node.fetch import fetch_fragment
 from engine.protocol import messages as wire
 from engine.transport.peer import PeerManager
@@ -33,8 +38,14 @@ from engine.transport.signaling import SignalingClient
 
 log = logging.getLogger(__name__)
 
-#: How often a node reports its links' measured round trips to the coordinator.
+#: How often a node reports its links' measured round trips and its live sessions to the coordinator.
 RTT_REPORT_S = 5.0
+#: After a swap the old span serves its sessions until they are closed, or none has run a step for
+#: this long (counted from the swap at the earliest: loading the new span may have held them up) ...
+RETIRE_IDLE_S = 10.0
+#: ... and at most this long (then its sessions fail over).
+RETIRE_TIMEOUT_S = 120.0
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -49,8 +60,15 @@ class NodeConfig:
     threads: int | None = None
     device: str = "cpu"
     connect_timeout_s: float = 10.0
-    #: seconds of the start-up throughput benchmark reported to the coordinator
+    #: seconds of the throughput benchmark reported to the coordinator
     benchmark_s: float = 1.0
+    #: memory offered to the grid for weights and KV caches (None: 90% of free VRAM / half the free RAM)
+    memory_mb: int | None = None
+    #: test/demo knob: the node sleeps so that it is this many times slower, in its benchmark and
+    #: in serving alike
+    throttle: float = 1.0
+    #: test knob: a speed the node claims in its hello; the coordinator shows it and ignores it
+    claimed_layers_per_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +82,48 @@ class _Outgoing:
     step: int | None = None
 
 
+@dataclass(frozen=True)
+class ServedSpan:
+    """Fragments a..b-1 of a model, loaded as one model, and the executor running its sessions."""
+
+    model_id: str
+    units: tuple[int, int]
+    manifests: tuple[Manifest, ...]
+    executor: FragmentExecutor
+
+    @property
+    def start(self) -> int:
+        return self.manifests[0].start
+
+    @property
+    def end(self) -> int:
+        return self.manifests[-1].end
+
+    @property
+    def head(self) -> bool:
+        return self.manifests[-1].head
+
+    def fits(self, hop: wire.Hop) -> bool:
+        """A hop may enter the span part-way but always runs to its end (routes never stop a node early)."""
+        return self.start <= hop.start < hop.end == self.end
+
+
+def _parse_assignment(data: dict[str, Any]) -> tuple[str, tuple[int, int], tuple[Manifest, ...]]:
+    """(model_id, units, manifests) of an ``assign`` message, checked to describe fragments a..b-1."""
+    model_id = str(data.get("model_id"))
+    units, raw = data.get("units"), data.get("manifests")
+    if not isinstance(units, list) or len(units) != 2 or not all(isinstance(u, int) for u in units):
+        raise ProtocolError("assignment without a fragment span")
+    if not isinstance(raw, list) or len(raw) != units[1] - units[0] or not raw:
+        raise ProtocolError("assignment's manifests do not match its fragment span")
+    manifests = tuple(parse_manifest(m) for m in raw)
+    if [m.index for m in manifests] != list(range(units[0], units[1])) or any(
+        m.model_id != model_id for m in manifests
+    ):
+        raise ProtocolError(f"assignment's manifests are not fragments {units[0]}-{units[1] - 1} of {model_id}")
+    return model_id, (units[0], units[1]), manifests
+
+
 class Node:
     """One supplier worker process."""
 
@@ -71,25 +131,39 @@ class Node:
         self.config = config
         self.signaling = SignalingClient(config.coordinator, "node", config.name, on_control=self._on_control)
         self.peers: PeerManager | None = None
-        self.executor: FragmentExecutor | None = None
-        self.manifest: Manifest | None = None
+        #: the span new sessions use
+        self.serving: ServedSpan | None = None
+        #: the span replaced by the last assignment, kept until its live sessions finish
+        self._retiring: ServedSpan | None = None
+        self._retired_at = 0.0
+        #: the latest assignment not yet loaded
+        self._wanted: dict[str, Any] | None = None
         self._load_task: asyncio.Task[None] | None = None
+        self._measure_task: asyncio.Task[None] | None = None
+        self._retire_task: asyncio.Task[None] | None = None
+        #: model_id -> this node's last capability report for it (measured once, resent on reconnect)
+        self._capability: dict[str, dict[str, Any]] = {}
+        self._draining = False
         self._stopping = False
 
     @property
     def peer_id(self) -> str:
         return self.signaling.peer_id
 
+    @property
+    def executor(self) -> FragmentExecutor | None:
+        return None if self.serving is None else self.serving.executor
+
     async def run(self) -> None:
         """Serve until ``shutdown``; reconnect to the coordinator (with backoff) when its socket drops.
 
         The first connection must succeed (a wrong URL is a user error, reported at once); later
-        drops are network blips or coordinator restarts, so the node keeps its fragment and its
+        drops are network blips or coordinator restarts, so the node keeps its fragments and its
         WebRTC links, asks to keep its peer id, and goes on serving.
         """
         if self.config.threads:
             await torch_thread.run(torch.set_num_threads, self.config.threads)
-        await self.signaling.connect()
+        await self.signaling.connect(self._hello_extra())
         self._start_peers()
         log.info("node %s registered as %s", self.config.name, self.peer_id)
         reporter = asyncio.create_task(self._report_rtts(), name="rtt-report")
@@ -105,15 +179,15 @@ class Node:
             await self.shutdown()
 
     async def _report_rtts(self) -> None:
-        """Every RTT_REPORT_S, tell the coordinator the measured round trip to each linked peer."""
+        """Every RTT_REPORT_S, tell the coordinator the round trip to each linked peer and our live sessions."""
         while not self._stopping:
             await asyncio.sleep(RTT_REPORT_S)
             if self.peers is None:
                 continue
             rtts = {i.peer_id: i.rtt_ms for i in self.peers.links() if i.sending and i.rtt_ms is not None}
-            if rtts:
-                with contextlib.suppress(KlusterError):  # offline: the next report after reconnecting
-                    await self.signaling.send({"type": "rtt", "peers": rtts})
+            sessions = sum(s.executor.active_sessions() for s in (self.serving, self._retiring) if s is not None)
+            with contextlib.suppress(KlusterError):  # offline: the next report after reconnecting
+                await self.signaling.send({"type": "rtt", "peers": rtts, "sessions": sessions})
 
     def _start_peers(self) -> None:
         self.peers = PeerManager(
@@ -125,10 +199,15 @@ class Node:
         )
         self.signaling.peers = self.peers
 
-    def _hello_extra(self) -> dict[str, Any] | None:
-        """What a reconnecting node tells the coordinator: the fragment it still holds, if any."""
-        m = self.manifest
-        return {"hosting": {"model_id": m.model_id, "fragment": m.index}} if m is not None else None
+    def _hello_extra(self) -> dict[str, Any]:
+        """What the hello says besides our name: the span we still hold, if any, and a claimed speed (test knob)."""
+        extra: dict[str, Any] = {}
+        s = self.serving
+        if s is not None:
+            extra["hosting"] = {"model_id": s.model_id, "units": list(s.units)}
+        if self.config.claimed_layers_per_s is not None:
+            extra["claimed_layers_per_s"] = self.config.claimed_layers_per_s
+        return extra
 
     async def _reconnect(self) -> None:
         old_id = self.peer_id
@@ -142,41 +221,108 @@ class Node:
             self.signaling.peers = self.peers
 
     async def _on_control(self, data: dict[str, Any]) -> None:
-        if data.get("type") == "assign":
-            if self._load_task is not None:
-                # Already loading or serving a fragment (e.g. reassigned after a reconnect during
-                # the load): keep it; our ``ready`` tells the coordinator what we really hold.
-                log.info("keeping the fragment already assigned; ignoring a new assignment")
-                if self._load_task.done() and self.manifest is not None:
-                    await self.signaling.send(
-                        {"type": "ready", "model_id": self.manifest.model_id, "fragment": self.manifest.index}
-                    )
-                return
-            self._load_task = asyncio.create_task(self._load(data), name="load-fragment")
+        kind = data.get("type")
+        if kind == "measure":
+            model_id = str(data.get("model_id"))
+            known = self._capability.get(model_id)
+            if known is not None:  # measured before a reconnect: the same hardware, no need to re-run
+                await self.signaling.send({"type": "capability", "model_id": model_id, "capability": known})
+            elif self._measure_task is None or self._measure_task.done():
+                self._measure_task = asyncio.create_task(self._measure(data), name="measure")
+        elif kind == "assign" and not self._draining:
+            self._wanted = data
+            if self._load_task is None or self._load_task.done():
+                self._load_task = asyncio.create_task(self._load_wanted(), name="load-span")
+
+    async def _measure(self, data: dict[str, Any]) -> None:
+        """Benchmark the model's architecture and report it with the memory offered (placement's inputs)."""
+        model_id = str(data.get("model_id"))
+        try:
+            raw = data.get("config")
+            if not isinstance(raw, dict):
+                raise ProtocolError("measure request without a model config")
+            cfg = parse_config(raw)
+            dtype = _DTYPES.get(str(data.get("dtype")), torch.float32)
+            # Measured, never claimed: the scheduler places spans by this figure.
+            capability = await capability_report_async(
+                cfg,
+                device=self.config.device,
+                dtype=dtype,
+                seconds=self.config.benchmark_s,
+                throttle=self.config.throttle,
+            )
+            if self.config.memory_mb is not None:
+                offered, source = self.config.memory_mb << 20, "--memory-mb"
+            else:
+                offered, source = await torch_thread.run(default_memory_bytes, self.config.device), "default"
+            capability["memory"] = {"offered_bytes": offered, "source": source}
+            self._capability[model_id] = capability
+            await self.signaling.send({"type": "capability", "model_id": model_id, "capability": capability})
+        except KlusterError as exc:
+            log.error("cannot measure this node for %s: %s", model_id, exc)
+            with contextlib.suppress(KlusterError):
+                await self.signaling.send({"type": "failed", "message": f"benchmark failed: {exc}"})
+
+    async def _load_wanted(self) -> None:
+        """Load assignments one at a time; one that arrives meanwhile supersedes any not yet loaded."""
+        while self._wanted is not None and not self._stopping:
+            data, self._wanted = self._wanted, None
+            await self._load(data)
 
     async def _load(self, data: dict[str, Any]) -> None:
         try:
-            manifest = parse_manifest(data.get("manifest"))
+            model_id, units, manifests = _parse_assignment(data)
+            s = self.serving
+            if s is not None and (s.model_id, s.units) == (model_id, units):
+                await self.signaling.send({"type": "ready", "model_id": model_id, "units": list(units)})
+                return
             base = self.signaling.coordinator + str(data.get("files_url", ""))
+            folders = []
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600, sock_connect=10)) as http:
-                folder = await fetch_fragment(http, base, manifest, self.config.cache_dir)
-            _, model = await torch_thread.run(load_fragment, folder, device=self.config.device)
-            # Measured, never claimed: the scheduler places spans by this figure.
-            capability = await capability_report_async(
-                model.cfg, device=self.config.device, seconds=self.config.benchmark_s
-            )
+                for m in manifests:
+                    folders.append(
+                        await fetch_fragment(http, f"{base.rstrip('/')}/{m.name}/", m, self.config.cache_dir)
+                    )
+                    if self._wanted is not None:
+                        log.info("assignment superseded while fetching; loading the newer one")
+                        return
+            # Loading is mostly reading and copying weights: done beside the torch thread, so the
+            # span already served keeps serving meanwhile (a rebalance stalls no session).
+            _, model = await asyncio.to_thread(load_span, folders, device=self.config.device)
             executor = FragmentExecutor(model, ExecutorConfig(kv_budget_bytes=self.config.kv_budget_mb << 20))
             await torch_thread.run(executor.warm_up)
-            self.executor = executor
-            self.manifest = manifest
-            await self.signaling.send(
-                {"type": "ready", "model_id": manifest.model_id, "fragment": manifest.index, "capability": capability}
-            )
-            log.info("serving %s layers %d-%d", manifest.model_id, manifest.start, manifest.end)
+            self._swap(ServedSpan(model_id, units, manifests, executor))
+            await self.signaling.send({"type": "ready", "model_id": model_id, "units": list(units)})
+            log.info("serving %s layers %d-%d", model_id, manifests[0].start, manifests[-1].end)
         except (KlusterError, OSError) as exc:
-            log.error("cannot host the assigned fragment: %s", exc)
+            log.error("cannot host the assigned fragments: %s", exc)
             with contextlib.suppress(KlusterError):
                 await self.signaling.send({"type": "failed", "message": str(exc)})
+
+    def _swap(self, new: ServedSpan) -> None:
+        """New sessions go to ``new`` from now on; the old span finishes its live sessions first."""
+        old, self.serving = self.serving, new
+        new.executor.draining = self._draining
+        if self._retiring is not None:  # a second swap before the first old span drained: its sessions fail over
+            self._retiring.executor.draining = True
+        self._retiring = old if old is not None and old.executor.sessions else None
+        self._retired_at = time.monotonic()
+        if self._retiring is not None:
+            self._retiring.executor.draining = True  # takes no new session
+            if self._retire_task is None or self._retire_task.done():
+                self._retire_task = asyncio.create_task(self._retire(), name="retire-span")
+
+    async def _retire(self) -> None:
+        """Drop the old span once its sessions are done (see RETIRE_IDLE_S and RETIRE_TIMEOUT_S)."""
+        while self._retiring is not None and not self._stopping:
+            ex, since = self._retiring.executor, time.monotonic() - self._retired_at
+            idle = since > RETIRE_IDLE_S and not ex.active_sessions(RETIRE_IDLE_S)
+            if not ex.sessions or idle or since > RETIRE_TIMEOUT_S:
+                old, self._retiring = self._retiring, None
+                log.info("dropped the old span %d-%d", old.start, old.end)
+                await old.executor.shutdown()
+                continue
+            await asyncio.sleep(0.5)
 
     # ------------------------------------------------------------------ serving
 
@@ -216,8 +362,9 @@ class Node:
                 log.warning("step %s of session %s failed: %s", msg.step, msg.session, exc)
                 return [self._error_to(msg.reply_to, exc, msg.session, msg.step)]
         if isinstance(msg, wire.Close):
-            if self.executor is not None:
-                self.executor.close_session(msg.session)
+            for span in (self.serving, self._retiring):
+                if span is not None:
+                    span.executor.close_session(msg.session)
             if msg.hop + 1 < len(msg.route):
                 nxt = wire.Close(msg.session, msg.route, msg.hop + 1)
                 return [_Outgoing(msg.route[msg.hop + 1].peer, wire.encode(nxt))]
@@ -225,21 +372,41 @@ class Node:
         log.debug("ignoring %s from %s", type(msg).__name__, sender)
         return []
 
-    def _forward(self, msg: wire.Forward, queued: float) -> list[_Outgoing]:
-        if self.executor is None or self.manifest is None:
-            raise FragmentError(f"node {self.config.name} is still loading its fragment")
+    def _span_for(self, msg: wire.Forward) -> ServedSpan:
+        """The loaded span this step runs on: the old one for sessions it still holds, else the current one.
+
+        A route that fits neither was planned before a rebalance moved this node: the client gets
+        ``session_lost`` and asks the coordinator for a fresh route.
+        """
         hop = msg.route[msg.hop]
-        m = self.manifest
-        if hop.peer != self.peer_id or (hop.start, hop.end) != (m.start, m.end):
-            raise ProtocolError(
-                f"route asks node {self.config.name} for layers {hop.start}-{hop.end}, it hosts {m.start}-{m.end}"
+        if hop.peer != self.peer_id:
+            raise ProtocolError(f"route hop {msg.hop} names {hop.peer}, not this node")
+        old, current = self._retiring, self.serving
+        if old is not None and old.executor.has_session(msg.session) and old.fits(hop):
+            return old
+        if current is None:
+            raise FragmentError(f"node {self.config.name} is still loading its fragments")
+        if not current.fits(hop):
+            raise SessionLostError(
+                f"route asks node {self.config.name} for layers {hop.start}-{hop.end}, "
+                f"it hosts {current.start}-{current.end}"
             )
+        return current
+
+    def _forward(self, msg: wire.Forward, queued: float) -> list[_Outgoing]:
+        span = self._span_for(msg)
+        hop = msg.route[msg.hop]
         if msg.tensor is None:
             raise ProtocolError("forward without a tensor")
-        if (msg.hop == len(msg.route) - 1) != m.head:
+        if (msg.hop == len(msg.route) - 1) != span.head:
             raise ProtocolError("route does not end at the fragment holding the LM head")
         sampling = SamplingParams(msg.sampling.temperature, msg.sampling.top_p, msg.sampling.seed)
-        out = self.executor.step_sync(msg.session, msg.pos, msg.tensor, msg.max_tokens, sampling, queued, msg.chunks)
+        out = span.executor.step_sync(
+            msg.session, msg.pos, msg.tensor, msg.max_tokens, sampling, queued, msg.chunks, hop.start
+        )
+        if self.config.throttle > 1.0:
+            throttle_pause(out.compute_ms / 1000, self.config.throttle)
+            out = replace(out, compute_ms=out.compute_ms * self.config.throttle)
         timings = (*msg.timings, wire.HopTiming(self.peer_id, round(out.queue_ms, 3), round(out.compute_ms, 3)))
         if out.token_id is None:
             nxt = replace(msg, hop=msg.hop + 1, timings=timings, tensor=out.hidden)
@@ -261,6 +428,9 @@ class Node:
         )
         return [_Outgoing(msg.route[0].peer, wire.encode(again), msg.reply_to, msg.session, msg.step + 1), reply]
 
+    def _spans(self) -> list[ServedSpan]:
+        return [s for s in (self.serving, self._retiring) if s is not None]
+
     async def drain(self, timeout_s: float = 60.0) -> None:
         """Leave gracefully: no new sessions, live ones finish (up to ``timeout_s``), then shut down.
 
@@ -268,12 +438,13 @@ class Node:
         here gets ``session_lost`` and fails over, so no request fails.
         """
         log.info("draining: finishing live sessions (at most %.0f s)", timeout_s)
-        if self.executor is not None:
-            self.executor.draining = True
+        self._draining = True
+        for span in self._spans():
+            span.executor.draining = True
         with contextlib.suppress(KlusterError):
             await self.signaling.send({"type": "draining"})
         deadline = time.monotonic() + timeout_s
-        while self.executor is not None and self.executor.active_sessions() and time.monotonic() < deadline:
+        while any(s.executor.active_sessions() for s in self._spans()) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         await self.shutdown()
 
@@ -281,12 +452,13 @@ class Node:
         if self._stopping:
             return
         self._stopping = True
-        if self._load_task is not None and not self._load_task.done():
-            self._load_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._load_task
+        for task in (self._load_task, self._measure_task, self._retire_task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self.peers is not None:
             await self.peers.shutdown()
-        if self.executor is not None:
-            await self.executor.shutdown()
+        for span in self._spans():
+            await span.executor.shutdown()
         await self.signaling.shutdown()

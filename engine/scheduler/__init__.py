@@ -1,7 +1,9 @@
 """Pure scheduling decisions (no I/O), unit-testable and reusable by a simulator.
 
-placement   which fragment a joining node hosts; which nodes a request's route uses (even fill,
-            least-loaded host; in use until spans/routing replace it)
+placement   the glue the coordinator uses: a pack's fragments as placement units (PackLayout,
+            memory per unit), measured layers/s to units/s, place (plan_spans first, then
+            rebalance; gaps first while memory is short), changed_spans, and route_layers
+            (plan_route over ready spans with measured round trips)
 capacity    NodeCapacity (memory, MEASURED layers_per_s) and ModelShape (bytes per layer with its
             KV budget, max_layers)
 spans       plan_spans: one contiguous layer span per node, sized by measured throughput, every
