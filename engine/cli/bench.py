@@ -6,6 +6,7 @@ targets instead, everything in one process run so the ratios compare like with l
   pipeline   our local engine vs transformers generate vs a 3-node WebRTC route (decode, batch 1)
   failover   kill -9 a routed node at token 5: identical output? stall? (bench_failover.py)
   codec      fp16/bf16/int8 activations on the wire: bytes/token vs output (bench_codec.py)
+  transport  our data channels vs stock aiortc: loopback and a lossy emulated WAN (bench_transport.py)
   wan        time per token over an emulated 40 ms / 1% loss WAN vs delay+compute (bench_wan.py)
 """
 
@@ -34,10 +35,11 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=run_pipeline)
 
-    from engine.cli import bench_codec, bench_failover
+    from engine.cli import bench_codec, bench_failover, bench_transport
 
     bench_failover.register(bsub)
     bench_codec.register(bsub)
+    bench_transport.register(bsub)
 
     from engine.cli import bench_wan
 

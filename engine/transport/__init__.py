@@ -8,8 +8,16 @@ Files and their roles:
                 by the owner's signaling, sends with back-pressure, delivers whole messages in order,
                 survives bad chunks, failing handlers and broken links
   signaling.py  the coordinator WebSocket client whose relayed signals feed PeerManager.handle_signal
+  sctp_tuning.py  aiortc's SCTP association made loss-tolerant and cheaper (RACK loss detection,
+                redundancy for small messages and tails, tail loss probe, batched SACKs, 16 KiB
+                packets on same-host paths); installed by peer.py unless KLUSTER_SCTP=stock
+  sctp_cc.py    pure RTT estimation and the delay-driven congestion window sctp_tuning uses
+  fastpath.py   per-packet DTLS/ICE shortcuts in aiortc/aioice/pyOpenSSL (same bytes on the wire)
   measure.py    ``python -m engine.transport.measure``: RTT and throughput between two processes on
                 loopback; also the echo peer the cross-process test talks to
+  probe_peer.py a PeerManager in a child process driven over pipes (optionally inside a WAN host's
+                network namespace): both ends of ``kluster bench transport`` and the WAN test
+  benchmark.py  the measurements of ``kluster bench transport``: ours vs stock aiortc
 
 ``PeerManager`` and ``LinkInfo`` are imported lazily so that code needing only the framing does
 not pay for importing aiortc.
