@@ -17,7 +17,8 @@ from typing import Any
 
 import aiohttp
 
-from engine.errors import CoordinatorError, KlusterError, SessionError, error_for_code
+from engine.errors import CoordinatorError, KlusterError, SessionError
+from engine.transport.signaling import raise_for_error_body
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,7 @@ async def _call(
         raise CoordinatorError(f"cannot reach the coordinator at {base}: {exc}") from None
     except (aiohttp.ClientError, OSError, ValueError, TimeoutError) as exc:
         raise CoordinatorError(f"job request {url} failed: {exc or type(exc).__name__}") from None
-    if resp.status >= 400:
-        err = data.get("error", {}) if isinstance(data, dict) else {}
-        raise error_for_code(err.get("code"), str(err.get("message") or f"coordinator answered HTTP {resp.status}"))
+    raise_for_error_body(resp.status, data)
     if not isinstance(data, dict):
         raise CoordinatorError(f"job request {url} returned no JSON object")
     return data

@@ -125,7 +125,9 @@ class RemotePipeline:
         """Connect to the coordinator and get a route for the model."""
         await self.signaling.connect()
         self._start_peers()
-        self._runner = asyncio.create_task(self._signal_forever(), name="signaling")
+        self._runner = asyncio.create_task(
+            self.signaling.serve(lambda: self._stopping, on_new_identity=self._new_identity), name="signaling"
+        )
         self.route = await self._fetch_route()
         return self.route
 
@@ -139,28 +141,14 @@ class RemotePipeline:
         )
         self.signaling.peers = self.peers
 
-    async def _signal_forever(self) -> None:
-        """Serve the coordinator socket; when it drops (partition, coordinator restart), reconnect.
-
-        Our peer id survives a reconnect when the coordinator still knows our resume token. If it
-        does not (it restarted), nodes could no longer reach us under the old id: the links are
-        rebuilt under the new one and waiting steps fail over, which replays them.
-        """
-        while not self._stopping:
-            await self.signaling.run()
-            if self._stopping:
-                return
-            log.warning("lost the coordinator; reconnecting")
-            old_id = self.signaling.peer_id
-            await self.signaling.reconnect()
-            if self.signaling.peer_id == old_id:
-                self.signaling.peers = self.peers
-                continue
-            log.info("reconnected as %s (was %s)", self.signaling.peer_id, old_id)
-            if self.peers is not None:
-                await self.peers.shutdown()
-            self._start_peers()
-            self._fail_waiting(TransportError("the coordinator gave this client a new identity"))
+    async def _new_identity(self, old_id: str) -> None:
+        """The coordinator forgot us (it restarted) and gave us a new id: nodes can no longer reach
+        the old one, so the links are rebuilt under the new id and waiting steps fail over, which
+        replays them."""
+        if self.peers is not None:
+            await self.peers.shutdown()
+        self._start_peers()
+        self._fail_waiting(TransportError("the coordinator gave this client a new identity"))
 
     async def _on_link_lost(self, peer: str, reason: str) -> None:
         """A hop we talk to directly went silent or closed: its waiting steps fail over now."""

@@ -168,12 +168,9 @@ class Node:
         log.info("node %s registered as %s", self.config.name, self.peer_id)
         reporter = asyncio.create_task(self._report_rtts(), name="rtt-report")
         try:
-            while not self._stopping:
-                await self.signaling.run()
-                if self._stopping:
-                    break
-                log.warning("lost the coordinator; reconnecting")
-                await self._reconnect()
+            await self.signaling.serve(
+                lambda: self._stopping, extra=self._hello_extra, on_new_identity=self._new_identity
+            )
         finally:
             reporter.cancel()
             await self.shutdown()
@@ -209,16 +206,11 @@ class Node:
             extra["claimed_layers_per_s"] = self.config.claimed_layers_per_s
         return extra
 
-    async def _reconnect(self) -> None:
-        old_id = self.peer_id
-        await self.signaling.reconnect(self._hello_extra)
-        if self.peer_id != old_id:  # the coordinator gave us a new identity: old links are useless
-            log.info("reconnected as %s (was %s)", self.peer_id, old_id)
-            if self.peers is not None:
-                await self.peers.shutdown()
-            self._start_peers()
-        else:
-            self.signaling.peers = self.peers
+    async def _new_identity(self, old_id: str) -> None:
+        """The coordinator gave us a new peer id: links made under the old one are useless."""
+        if self.peers is not None:
+            await self.peers.shutdown()
+        self._start_peers()
 
     async def _on_control(self, data: dict[str, Any]) -> None:
         kind = data.get("type")

@@ -78,12 +78,29 @@ async def _run_echo() -> None:
         await manager.shutdown()
 
 
-def _child_env() -> dict[str, str]:
-    """The environment for the child: it must import this very ``engine`` package."""
+def child_env() -> dict[str, str]:
+    """The environment for a child peer process: it must import this very ``engine`` package."""
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
+
+
+async def stop_child(proc: asyncio.subprocess.Process | None, reader: asyncio.Task[Any] | None) -> None:
+    """End a child peer driven over pipes: EOF on its stdin (it shuts down and exits), kill it
+    if it lingers past 10 s, then stop the task reading its stdout."""
+    if proc is not None:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+    if reader is not None:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
 
 
 class EchoProcess:
@@ -115,7 +132,7 @@ class EchoProcess:
             "--echo",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            env=_child_env(),
+            env=child_env(),
         )
         self._relay = asyncio.get_running_loop().create_task(self._relay_signals(), name="measure-relay")
         return self
@@ -124,19 +141,7 @@ class EchoProcess:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.manager.shutdown()
-        proc = self.proc
-        if proc is not None:
-            if proc.stdin is not None:
-                proc.stdin.close()  # EOF: the child shuts its manager down and exits
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        if self._relay is not None:
-            self._relay.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._relay
+        await stop_child(self.proc, self._relay)
 
     async def _send_signal(self, peer_id: str, data: dict[str, Any]) -> None:
         if self.proc is None or self.proc.stdin is None:

@@ -40,11 +40,11 @@ import struct
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from engine.errors import TransportError
+from engine.transport.measure import child_env, stop_child
 from engine.transport.sctp_tuning import MODE_ENV
 
 log = logging.getLogger(__name__)
@@ -211,9 +211,7 @@ class _Prober:
 
 
 def _child_env(stock: bool) -> dict[str, str]:
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env = child_env()
     if stock:
         env[MODE_ENV] = "stock"
     else:
@@ -253,19 +251,7 @@ class ProbePeer:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        proc = self.proc
-        if proc is not None:
-            if proc.stdin is not None:
-                proc.stdin.close()  # EOF: the child shuts its manager down and exits
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        await stop_child(self.proc, self._reader)
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(TransportError(f"probe {self.name} exited"))

@@ -150,6 +150,32 @@ class SignalingClient:
                 await pinger
             self.closed.set()
 
+    async def serve(
+        self,
+        stopping: Callable[[], bool],
+        *,
+        extra: Callable[[], dict[str, Any] | None] | None = None,
+        on_new_identity: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        """Read messages until ``stopping()``; after every drop, reconnect (``reconnect``) and go on.
+
+        Nodes and clients both live through partitions and coordinator restarts this way. The
+        peer id normally survives; when the coordinator no longer knows our resume token it hands
+        out a new one, and ``on_new_identity(old_id)`` lets the owner rebuild what was tied to the
+        old id (its WebRTC links, steps waiting for replies addressed to it).
+        """
+        while not stopping():
+            await self.run()
+            if stopping():
+                return
+            log.warning("lost the coordinator; reconnecting")
+            old_id = self.peer_id
+            await self.reconnect(extra)
+            if self.peer_id != old_id:
+                log.info("reconnected as %s (was %s)", self.peer_id, old_id)
+                if on_new_identity is not None:
+                    await on_new_identity(old_id)
+
     async def reconnect(self, extra: Callable[[], dict[str, Any] | None] | None = None) -> None:
         """Connect again (keeping our peer id) until it works, pausing 0.5 s doubling to 2 s.
 
@@ -255,15 +281,18 @@ async def receive_json(ws: Any, silent_s: float, other: str) -> AsyncIterator[di
             yield data
 
 
+def raise_for_error_body(status: int, body: Any) -> None:
+    """Turn a coordinator error answer ``{"error": {"code", "message"}}`` into its typed one-line error."""
+    if status >= 400:
+        err = body.get("error", {}) if isinstance(body, dict) else {}
+        raise error_for_code(err.get("code"), str(err.get("message") or f"coordinator answered HTTP {status}"))
+
+
 async def get_json(session: aiohttp.ClientSession, url: str, params: dict[str, str] | None = None) -> Any:
     try:
         async with session.get(url, params=params) as resp:
             body = await resp.json(content_type=None)
-            if resp.status >= 400:
-                err = body.get("error", {}) if isinstance(body, dict) else {}
-                raise error_for_code(
-                    err.get("code"), str(err.get("message") or f"coordinator answered HTTP {resp.status}")
-                )
+            raise_for_error_body(resp.status, body)
             return body
     except (aiohttp.ClientError, OSError, ValueError) as exc:
         raise CoordinatorError(f"coordinator request {url} failed: {exc}") from None
