@@ -83,6 +83,13 @@ class PeerError(KlusterError):
     code = "peer"
 
 
+class IdentityError(PeerError):
+    """A peer failed the identity check: its key, its peer id and the DTLS fingerprints its
+    signaling carries do not all match (see ``engine.transport.identity``)."""
+
+    code = "bad_identity"
+
+
 class TransportError(KlusterError):
     """A WebRTC link failed to open or broke."""
 

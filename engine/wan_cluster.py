@@ -13,7 +13,7 @@ import logging
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -47,9 +47,23 @@ def node_host(node_name: str) -> str:
 class WanCluster:
     """``with WanCluster(pack, 3, log_dir) as grid: grid.topo.set_link(...); grid.generate(...)``."""
 
-    def __init__(self, pack_dir: Path, nodes: int, log_dir: Path, *, model_id: str = "smollm2-135m", seed: int = 0):
+    def __init__(
+        self,
+        pack_dir: Path,
+        nodes: int,
+        log_dir: Path,
+        *,
+        model_id: str = "smollm2-135m",
+        seed: int = 0,
+        extra_hosts: Sequence[str] = (),
+        prepare: Callable[[Topology], Sequence[str]] | None = None,
+    ):
+        """``extra_hosts`` are further emulated hosts (e.g. a TURN server's); ``prepare(topo)`` runs
+        once every host exists and before any process starts (firewall rules, extra servers) and
+        returns extra ``kluster coordinator`` arguments (e.g. ``--turn`` with a host's address)."""
         self.model_id = model_id
-        self.topo = Topology(["coord", "client", *(f"n{i}" for i in range(1, nodes + 1))], seed=seed)
+        self.topo = Topology(["coord", "client", *(f"n{i}" for i in range(1, nodes + 1)), *extra_hosts], seed=seed)
+        self._prepare = prepare
         self.cluster = LocalCluster(
             pack_dir, nodes, log_dir=log_dir, cache_dir=log_dir / "cache", wrap=self._wrap, host=""
         )
@@ -65,6 +79,8 @@ class WanCluster:
         self.topo.start()
         try:
             self.cluster.host = self.topo.host("coord").ip
+            if self._prepare is not None:
+                self.cluster.coordinator_args += list(self._prepare(self.topo))
             self.url = self.cluster.start()
             waited = self.topo.host("client").run(
                 [sys.executable, "-c", _WAIT_FOR_ROUTE, self.url, self.model_id, "240"],

@@ -46,13 +46,15 @@ def _table(result: dict[str, Any]) -> list[str]:
         f"kluster bench codec: layers {result['model_layers']}, {result['boundaries']} boundaries, "
         f"{result['prompts']} prompts x {result['tokens']} greedy tokens"
         + (f", perplexity over {result['perplexity_tokens']} tokens of {result['text']}" if with_ppl else ""),
-        f"{'codec':<13}{'B/token':>9}{'vs fp32':>9}{'identical':>12}{'max|dlogit|':>13}{'mean|dlogit|':>14}"
+        f"{'codec':<13}{'B/token':>9}{'vs fp32':>9}{'frame B':>9}{'vs fp32':>9}{'identical':>12}"
+        f"{'max|dlogit|':>13}{'mean|dlogit|':>14}"
         f"{'rel err':>10}{'us/hop':>8}" + (f"{'ppl':>10}{'dppl':>9}" if with_ppl else ""),
     ]
     for r in result["codecs"]:
         ident = f"{r['identical']}/{r['prompts']}"
         line = (
-            f"{r['codec']:<13}{r['bytes_per_token']:>9}{r['ratio_vs_fp32']:>8.2f}x{ident:>12}"
+            f"{r['codec']:<13}{r['bytes_per_token']:>9}{r['ratio_vs_fp32']:>8.2f}x"
+            f"{r['frame_bytes_per_token']:>9}{r['frame_ratio_vs_fp32']:>8.2f}x{ident:>12}"
             f"{r['max_abs_logit_diff']:>13.4f}{r['mean_abs_logit_diff']:>14.5f}{r['boundary_rel_err']:>10.5f}"
             f"{r['roundtrip_us']:>8.0f}"
         )
@@ -61,7 +63,8 @@ def _table(result: dict[str, Any]) -> list[str]:
         lines.append(line)
     lines.append(
         f"targets: int8 >= {TARGET_INT8_RATIO}x fewer bytes than fp32; >= {TARGET_IDENTICAL:.0%} of prompts identical. "
-        "B/token: tensor payload of one decode step per boundary; rel err: |decoded - sent| / |sent|."
+        "B/token: tensor payload of one decode step per boundary; frame B: the whole step frame on the wire "
+        f"(+{result['frame_overhead_bytes']} header bytes); rel err: |decoded - sent| / |sent|."
     )
     return lines
 

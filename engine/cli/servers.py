@@ -9,10 +9,13 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import aio, paths
 from engine.errors import ConfigError
+
+if TYPE_CHECKING:
+    from engine.coordinator.turn import TurnConfig
 
 DEFAULT_PORT = 8765
 
@@ -35,6 +38,36 @@ def register(sub: Any) -> None:
         type=float,
         default=1.0,
         help="seconds of quiet (no joins, leaves or measurements) before fragments are (re)placed (default 1)",
+    )
+    c.add_argument(
+        "--stun",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="STUN server handed to peers, e.g. stun:stun.example.org:3478 (repeatable; peers use the first)",
+    )
+    c.add_argument(
+        "--turn",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="TURN server handed to peers with a short-lived credential each, e.g. "
+        "turn:turn.example.org:3478?transport=udp (repeatable; peers use the first). Needs the "
+        "server's shared secret (coturn static-auth-secret) in $KLUSTER_TURN_SECRET or --turn-secret-file",
+    )
+    c.add_argument(
+        "--turn-secret-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="file whose first line is the TURN shared secret (instead of $KLUSTER_TURN_SECRET)",
+    )
+    c.add_argument(
+        "--turn-ttl",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="lifetime of each TURN credential (default 3600; refreshed every half of it)",
     )
     c.set_defaults(handler=run_coordinator, default_loglevel="INFO")
 
@@ -76,6 +109,14 @@ def register(sub: Any) -> None:
         default=None,
         help="test knob: a speed to claim to the coordinator, which shows it and never uses it",
     )
+    n.add_argument(
+        "--identity",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="this node's long-term ed25519 key, created (mode 0600) if missing; its peer id is derived from it "
+        "(default: one per --name in the user data dir, identity/node-NAME.key)",
+    )
     n.set_defaults(handler=run_node, default_loglevel="INFO")
 
 
@@ -100,11 +141,22 @@ def default_pack(fragments: int = 3) -> Path:
     return out
 
 
+def _ice_options(args: argparse.Namespace) -> tuple[tuple[dict[str, Any], ...], TurnConfig | None]:
+    """--stun/--turn/--turn-secret-file/--turn-ttl -> (static ice_servers, TurnConfig or None)."""
+    from engine.coordinator.turn import build_ice_config, load_secret
+
+    if args.turn_secret_file is not None and not args.turn:
+        raise ConfigError("--turn-secret-file needs at least one --turn URL")
+    secret = load_secret(args.turn_secret_file) if args.turn else None
+    return build_ice_config(stun_urls=args.stun, turn_urls=args.turn, secret=secret, ttl_s=args.turn_ttl)
+
+
 def run_coordinator(args: argparse.Namespace) -> int:
     from engine.coordinator.app import Coordinator, CoordinatorConfig
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be 0-65535, got {args.port}")
+    ice_servers, turn = _ice_options(args)
     packs = tuple(args.pack) or (default_pack(),)
     if args.db is None:
         paths.data_dir().mkdir(parents=True, exist_ok=True)
@@ -112,7 +164,13 @@ def run_coordinator(args: argparse.Namespace) -> int:
     if not 0 <= args.placement_settle <= 600:
         raise ConfigError("--placement-settle must be between 0 and 600 seconds")
     config = CoordinatorConfig(
-        host=args.host, port=args.port, db_path=db, packs=packs, placement_settle_s=args.placement_settle
+        host=args.host,
+        port=args.port,
+        db_path=db,
+        packs=packs,
+        placement_settle_s=args.placement_settle,
+        ice_servers=ice_servers,
+        turn=turn,
     )
     coordinator = Coordinator(config)
 
@@ -158,6 +216,7 @@ def run_node(args: argparse.Namespace) -> int:
             memory_mb=args.memory_mb,
             throttle=args.throttle,
             claimed_layers_per_s=args.claim_layers_per_s,
+            identity_path=args.identity,
         )
     )
 

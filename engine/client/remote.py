@@ -34,6 +34,7 @@ from engine.errors import (
     error_for_code,
 )
 from engine.models.sampling import SamplingParams
+from engine.protocol import frames
 from engine.protocol import messages as wire
 from engine.protocol.codec import CODECS
 from engine.transport.peer import PeerManager
@@ -117,6 +118,8 @@ class RemotePipeline:
         self.route: list[RouteHop] = []
         self._pending: dict[tuple[str, int], asyncio.Future[wire.Token]] = {}
         self._arrived: dict[tuple[str, int], tuple[wire.Token | KlusterError, float]] = {}
+        #: step frames for the forwards we send to first hops
+        self._frames = frames.FrameWriter()
         self._sessions: dict[str, _SessionState] = {}
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
@@ -136,6 +139,7 @@ class RemotePipeline:
             self.signaling.peer_id,
             self.signaling.send_signal,
             self._on_message,
+            identity=self.signaling.identity,
             ice_servers=self.signaling.ice_servers,
             on_link_lost=self._on_link_lost,
         )
@@ -347,7 +351,7 @@ class RemotePipeline:
         self._pending[key] = fut
         try:
             if send:
-                await self.peers.send(self.route[0].peer_id, wire.encode(msg))
+                await self.peers.send(self.route[0].peer_id, self._frames.builder(frames.prepare(msg)))
             token = await asyncio.wait_for(fut, self.step_timeout_s)
             return token, time.perf_counter()
         except TimeoutError:
@@ -380,6 +384,7 @@ class RemotePipeline:
                         f"{cause}, and no replacement came within {self.route_wait_s:g} s: {exc}"
                     ) from None
                 await asyncio.sleep(0.2)
+        self._frames.forget_session(state.wire_id)
         state.wire_id = uuid.uuid4().hex
         live = self._live_wire_ids()
         for key in [k for k in self._arrived if k[0] not in live]:
@@ -403,6 +408,7 @@ class RemotePipeline:
             return
         for key in [k for k in self._arrived if k[0] == state.wire_id]:
             del self._arrived[key]
+        self._frames.forget_session(state.wire_id)
         if self.peers is None or not self.route:
             return
         with contextlib.suppress(KlusterError):

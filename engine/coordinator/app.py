@@ -7,12 +7,21 @@ offers/answers between peers, and answers "which nodes should my request go thro
 fastest route over measured round trips, speeds and loads.
 
 WebSocket ``/v1/ws`` messages (JSON objects with a ``type``):
-  peer -> coord   hello {role: node|client, name, resume?: {peer_id, token},
-                         hosting?: {model_id, units: [a, b]}, claimed_layers_per_s?}
-                  first message, within ``hello_timeout_s``; ``resume`` keeps the peer id across a
-                  reconnect, ``hosting`` keeps a node's loaded fragments a..b-1; a claimed speed is
-                  shown but never used for placement
-  coord -> peer   welcome {peer_id, resume_token, ice_servers}
+  coord -> peer   challenge {nonce}           first message: a fresh nonce the hello must sign
+  peer -> coord   hello {role: node|client, name, key, sig, hosting?: {model_id, units: [a, b]},
+                         claimed_layers_per_s?}
+                  within ``hello_timeout_s``; ``key`` is the peer's ed25519 public key (base64) and
+                  ``sig`` its signature over the nonce (``engine.transport.identity.hello_proof``):
+                  the peer id is ``<n|c>-<key id>``, derived from the key, so it is the same on every
+                  reconnect (and after a coordinator restart) and nobody without the key can take
+                  it; a hello without a valid proof is closed with code 4000 and the reason. A new
+                  socket proving a key whose older socket is still open replaces it (code 4001:
+                  a restarted process, or two sharing one key file). ``hosting`` keeps a node's
+                  loaded fragments a..b-1; a claimed speed is shown but never used for placement
+  coord -> peer   welcome {peer_id, ice_servers}
+                  ice_servers: STUN/TURN servers, TURN with a credential minted for this peer
+                  (``engine.coordinator.turn``)
+  coord -> peer   ice_servers {ice_servers}   fresh TURN credentials, every ttl/2
   coord -> client node_gone {peer_id, name}  a node's socket closed: routes through it are broken
   coord -> client node_ready {peer_id}        a node (new or back after a blip) can be routed through
   both ways       ping                        every ``heartbeat_s``; 3 silent intervals drop the socket
@@ -47,13 +56,25 @@ from engine.coordinator.events import EventHub
 from engine.coordinator.jobs_api import JobService, add_job_routes
 from engine.coordinator.placer import Measurement, Placer
 from engine.coordinator.registry import NodeRow, Registry
-from engine.errors import ConfigError, FragmentError, KlusterError, NoRouteError
+from engine.coordinator.turn import TurnConfig
+from engine.errors import ConfigError, FragmentError, IdentityError, KlusterError, NoRouteError
 from engine.fragments.manifest import CONFIG, WEIGHTS
 from engine.fragments.pack import TOKENIZER_FILES
 from engine.fragments.store import Pack, read_pack
 from engine.models.config import parse_config
+from engine.protocol import frames
 from engine.scheduler.placement import HostView, PackLayout, Span, measured_layers_per_s, pack_layout, route_layers
-from engine.transport.signaling import CLOSE_S, HEARTBEAT_MISSES, HEARTBEAT_S, ping_forever, receive_json
+from engine.transport.identity import check_hello, peer_id_for
+from engine.transport.signaling import (
+    CLOSE_BAD_HELLO,
+    CLOSE_REPLACED,
+    CLOSE_S,
+    HEARTBEAT_MISSES,
+    HEARTBEAT_S,
+    ICE_SERVERS,
+    ping_forever,
+    receive_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +95,8 @@ class CoordinatorConfig:
     hello_timeout_s: float = 10.0
     #: STUN/TURN servers handed to peers (RTCIceServer dicts); empty means host candidates only
     ice_servers: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    #: TURN servers sharing a secret with us: each peer gets its own short-lived credential
+    turn: TurnConfig | None = None
     #: copies of every fragment the placement aims for when capacity allows
     min_replicas: int = 2
     #: a rebalance moves nodes only for a bottleneck gain above this share (no thrashing)
@@ -119,6 +142,13 @@ def _describe_span(layout: PackLayout, span: Span) -> str:
     return f"{layout.model_id} {units} (layers {start}-{end - 1})"
 
 
+def _clean_counts(raw: Any, keys: tuple[str, ...]) -> dict[str, int]:
+    """The known non-negative integer counters of a node's report (anything else is dropped)."""
+    if not isinstance(raw, dict):
+        return {}
+    return {k: v for k in keys if isinstance(v := raw.get(k), int) and not isinstance(v, bool) and 0 <= v < 2**62}
+
+
 def _clean_rtts(raw: Any, limit: int = 256) -> dict[str, float]:
     """A node's RTT report, keeping only well-formed entries (at most ``limit``)."""
     if not isinstance(raw, dict):
@@ -162,15 +192,20 @@ class Coordinator:
         self.placer = Placer(layouts, min_replicas=config.min_replicas, min_gain=config.min_gain)
         #: node -> live sessions it last reported (routing load)
         self._sessions: dict[str, int] = {}
+        #: what each node last said it sent: full messages and step frames (engine.protocol.frames)
+        self._frames: dict[str, dict[str, int]] = {}
         self._replan_task: asyncio.Task[None] | None = None
+        self._ice_task: asyncio.Task[None] | None = None
         self._replan_dirty = False
         self._replan_quiet_at = 0.0
         self._replan_first: float | None = None
         self._grace_until = 0.0
         self._sockets: dict[str, web.WebSocketResponse] = {}
         self._roles: dict[str, str] = {}
-        #: proof of identity for peers that reconnect (issued in each welcome)
-        self._resume_tokens: dict[str, str] = {}
+        #: nodes seen since start (a reconnect is a resume); ids come from keys, so they recur
+        self._known: set[str] = set()
+        #: peer -> set once the handler of its current socket has cleaned up after it
+        self._left: dict[str, asyncio.Event] = {}
         #: node -> {peer: measured round trip in ms}, as last reported by the node
         self._rtts: dict[str, dict[str, float]] = {}
         #: job and grid events for watchers (``GET /v1/events``, the TUI)
@@ -283,6 +318,7 @@ class Coordinator:
             node.update(self.placer.describe(peer))
             node["sessions"] = self._sessions.get(peer, 0)
             node["rtt_ms"] = self._rtts.get(peer, {})
+            node["frames_sent"] = self._frames.get(peer, {})
             out.append(node)
         return web.json_response({"nodes": out})
 
@@ -333,27 +369,38 @@ class Coordinator:
     async def _ws(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=self.config.max_ws_message, timeout=CLOSE_S)
         await ws.prepare(request)
+        nonce = secrets.token_urlsafe(32)
         try:
+            await ws.send_json({"type": "challenge", "nonce": nonce})
             hello = await asyncio.wait_for(ws.receive_json(), self.config.hello_timeout_s)
-        except (TimeoutError, ValueError, TypeError):
-            await ws.close(code=4000, message=b"expected hello")
+        except (TimeoutError, ValueError, TypeError, ConnectionError, RuntimeError):
+            await ws.close(code=CLOSE_BAD_HELLO, message=b"expected hello")
             return ws
         if not isinstance(hello, dict) or hello.get("type") != "hello" or hello.get("role") not in ("node", "client"):
-            await ws.close(code=4000, message=b"expected hello")
+            await ws.close(code=CLOSE_BAD_HELLO, message=b"expected hello")
             return ws
         role = str(hello["role"])
         name = str(hello.get("name") or role)[:64]
-        peer_id = self._resumed_id(hello.get("resume")) or f"{role[0]}-{secrets.token_hex(6)}"
-        resumed = peer_id in self._resume_tokens
-        self._resume_tokens[peer_id] = secrets.token_urlsafe(16)
+        try:
+            public_key = check_hello(hello.get("key"), hello.get("sig"), role, nonce)
+        except IdentityError as exc:
+            log.warning("refused %s %s from %s: %s", role, name, request.remote, exc)
+            reason = f"hello without a valid identity proof ({exc}); is this kluster too old?"
+            await ws.close(code=CLOSE_BAD_HELLO, message=reason.encode()[:120])  # a close reason fits 123 bytes
+            return ws
+        peer_id = peer_id_for(role[0], public_key)
+        await self._take_over(peer_id, name)
+        resumed = peer_id in self._known
+        if role == "node":
+            self._known.add(peer_id)
+        left = self._left[peer_id] = asyncio.Event()
         self._sockets[peer_id] = ws
         self._roles[peer_id] = role
         await ws.send_json(
             {
                 "type": "welcome",
                 "peer_id": peer_id,
-                "resume_token": self._resume_tokens[peer_id],
-                "ice_servers": list(self.config.ice_servers),
+                "ice_servers": self._ice_servers_for(peer_id),
             }
         )
         log.info("%s %s %s as %s", role, name, "reconnected" if resumed else "connected", peer_id)
@@ -370,30 +417,65 @@ class Coordinator:
                 await self._on_message(peer_id, role, ws, data)
         finally:
             pinger.cancel()
-            self._sockets.pop(peer_id, None)
-            self._roles.pop(peer_id, None)
-            if role == "node":
-                self.registry.set_offline(peer_id)
-                self._rtts.pop(peer_id, None)
-                self._sessions.pop(peer_id, None)
-                self.placer.left(peer_id)
-                self._replan_soon()
-                self.events.node_event(events.NODE_LEFT, peer_id, name)
-                await self._broadcast_to_clients({"type": "node_gone", "peer_id": peer_id, "name": name})
-            log.info("%s %s (%s) disconnected", role, name, peer_id)
+            try:
+                if self._sockets.get(peer_id) is ws:  # else a newer socket of this peer took over
+                    await self._peer_left(peer_id, role, name)
+            finally:
+                left.set()
+                if self._left.get(peer_id) is left:
+                    del self._left[peer_id]
         return ws
 
-    def _resumed_id(self, resume: Any) -> str | None:
-        """A reconnecting peer keeps its id if it proves it held it (the token from its last welcome)."""
-        if not isinstance(resume, dict):
-            return None
-        peer_id, token = resume.get("peer_id"), resume.get("token")
-        known = self._resume_tokens.get(str(peer_id))
-        if known is None or not isinstance(token, str) or not secrets.compare_digest(known, token):
-            return None
-        if peer_id in self._sockets:  # still connected: a second socket may not take over the id
-            return None
-        return str(peer_id)
+    async def _peer_left(self, peer_id: str, role: str, name: str) -> None:
+        self._sockets.pop(peer_id, None)
+        self._roles.pop(peer_id, None)
+        if role == "node":
+            self.registry.set_offline(peer_id)
+            self._rtts.pop(peer_id, None)
+            self._sessions.pop(peer_id, None)
+            self._frames.pop(peer_id, None)
+            self.placer.left(peer_id)
+            self._replan_soon()
+            self.events.node_event(events.NODE_LEFT, peer_id, name)
+            await self._broadcast_to_clients({"type": "node_gone", "peer_id": peer_id, "name": name})
+        log.info("%s %s (%s) disconnected", role, name, peer_id)
+
+    async def _take_over(self, peer_id: str, name: str) -> None:
+        """Close the open socket of a peer whose key just proved itself on a new one; wait for its clean-up.
+
+        Only the key's holder gets here, so the new socket is the one to keep: the old one belongs
+        to a process that died without closing (kill -9, a reboot) and is not noticed yet, or to a
+        second process using the same key file, which is told why (CLOSE_REPLACED) and stops.
+        """
+        while (old := self._sockets.get(peer_id)) is not None:
+            log.warning("%s (%s) connected again with the same identity key; closing its older socket", peer_id, name)
+            left = self._left.get(peer_id)
+            with contextlib.suppress(Exception):  # it may be half-dead already
+                await old.close(code=CLOSE_REPLACED, message=b"replaced by a newer connection with this identity key")
+            if left is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(left.wait(), CLOSE_S + 4)
+            if self._sockets.get(peer_id) is old:  # its handler is stuck: forget the socket ourselves
+                self._sockets.pop(peer_id, None)
+
+    def _ice_servers_for(self, peer_id: str) -> list[dict[str, Any]]:
+        """The static STUN/TURN servers, plus TURN with a credential minted now for ``peer_id``."""
+        servers = list(self.config.ice_servers)
+        if self.config.turn is not None:
+            servers.append(self.config.turn.server_for(peer_id))
+        return servers
+
+    async def _refresh_ice_forever(self, turn: TurnConfig) -> None:
+        """Send every peer fresh TURN credentials each ttl/2, so the ones it holds never expire.
+
+        coturn checks a credential only when an allocation is made, i.e. when a link opens; a node
+        up for days opens links long after its ``welcome``, and those need a valid credential.
+        """
+        while True:
+            await asyncio.sleep(turn.ttl_s / 2)
+            for peer_id, ws in list(self._sockets.items()):
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await ws.send_json({"type": ICE_SERVERS, "ice_servers": self._ice_servers_for(peer_id)})
 
     async def _node_joined(self, peer_id: str, ws: web.WebSocketResponse, hello: dict[str, Any]) -> None:
         """Keep what a reconnecting node still hosts, then have every node measure itself for its model.
@@ -537,6 +619,7 @@ class Coordinator:
             sessions = data.get("sessions")
             if isinstance(sessions, int) and not isinstance(sessions, bool) and 0 <= sessions < 1_000_000:
                 self._sessions[peer_id] = sessions
+            self._frames[peer_id] = _clean_counts(data.get("frames"), frames.COUNTERS)
         elif kind == "draining" and role == "node":
             self.registry.set_ready(peer_id, False)  # no new routes through it; live sessions finish
             self.placer.retire(peer_id)
@@ -563,12 +646,18 @@ class Coordinator:
         server = site._server
         port = server.sockets[0].getsockname()[1] if server and server.sockets else self.config.port
         log.info("coordinator listening on http://%s:%d", self.config.host, port)
+        if self.config.turn is not None:
+            self._ice_task = asyncio.create_task(self._refresh_ice_forever(self.config.turn), name="turn-credentials")
         return int(port)
 
     async def shutdown(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._ice_task is not None:
+            self._ice_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ice_task
         if self._replan_task is not None:
             self._replan_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

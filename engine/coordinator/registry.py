@@ -65,9 +65,13 @@ class Registry:
         self._db.close()
 
     def add_node(self, peer_id: str, name: str, info: str = "{}") -> None:
+        """A node joined; a peer id seen in an earlier run (ids come from node keys) gets a fresh row state."""
         now = time.time()
         self._db.execute(
-            "INSERT INTO nodes (peer_id, name, joined_at, last_seen, info) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO nodes (peer_id, name, joined_at, last_seen, info) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(peer_id) DO UPDATE SET name = excluded.name, joined_at = excluded.joined_at, "
+            "last_seen = excluded.last_seen, info = excluded.info, model_id = NULL, unit_start = NULL, "
+            "unit_end = NULL, ready = 0, online = 1",
             (peer_id, name, now, now, info),
         )
 

@@ -32,7 +32,9 @@ from engine.models.config import parse_config
 from engine.models.sampling import SamplingParams
 from engine.node.capability import capability_report_async, default_memory_bytes, throttle_pause
 from engine.node.fetch import fetch_fragment
+from engine.protocol import frames
 from engine.protocol import messages as wire
+from engine.transport.identity import Identity, default_node_identity_path
 from engine.transport.peer import PeerManager
 from engine.transport.signaling import SignalingClient
 
@@ -69,6 +71,9 @@ class NodeConfig:
     throttle: float = 1.0
     #: test knob: a speed the node claims in its hello; the coordinator shows it and ignores it
     claimed_layers_per_s: float | None = None
+    #: the node's long-term identity key (created if missing); None: one per node name in the
+    #: user data dir. The node's peer id is derived from it and its links are signed with it.
+    identity_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ class _Outgoing:
     """A message to send; ``reply_to`` is told (with an ErrorReply) if it cannot be delivered."""
 
     to: str
-    payload: bytes
+    payload: bytes | frames.Prepared
     reply_to: str | None = None
     session: str | None = None
     step: int | None = None
@@ -129,8 +134,14 @@ class Node:
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.signaling = SignalingClient(config.coordinator, "node", config.name, on_control=self._on_control)
+        identity = Identity.load_or_create(config.identity_path or default_node_identity_path(config.name))
+        self.signaling = SignalingClient(
+            config.coordinator, "node", config.name, on_control=self._on_control, identity=identity
+        )
         self.peers: PeerManager | None = None
+        #: step frames: contexts we announced to next hops, and those announced to us
+        self._frames_out = frames.FrameWriter()
+        self._frames_in = frames.FrameReader()
         #: the span new sessions use
         self.serving: ServedSpan | None = None
         #: the span replaced by the last assignment, kept until its live sessions finish
@@ -184,13 +195,16 @@ class Node:
             rtts = {i.peer_id: i.rtt_ms for i in self.peers.links() if i.sending and i.rtt_ms is not None}
             sessions = sum(s.executor.active_sessions() for s in (self.serving, self._retiring) if s is not None)
             with contextlib.suppress(KlusterError):  # offline: the next report after reconnecting
-                await self.signaling.send({"type": "rtt", "peers": rtts, "sessions": sessions})
+                await self.signaling.send(
+                    {"type": "rtt", "peers": rtts, "sessions": sessions, "frames": self._frames_out.counts()}
+                )
 
     def _start_peers(self) -> None:
         self.peers = PeerManager(
             self.peer_id,
             self.signaling.send_signal,
             self._on_message,
+            identity=self.signaling.identity,
             ice_servers=self.signaling.ice_servers,
             connect_timeout=self.config.connect_timeout_s,
         )
@@ -332,7 +346,7 @@ class Node:
         if self.peers is None:
             return
         try:
-            await self.peers.send(item.to, item.payload)
+            await self.peers.send(item.to, self._frames_out.builder(item.payload))
         except KlusterError as exc:
             log.warning("could not send to %s: %s", item.to, exc)
             if item.reply_to is not None and item.reply_to != item.to:
@@ -343,7 +357,7 @@ class Node:
     def _handle(self, sender: str, data: bytes, queued: float) -> list[_Outgoing]:
         """Decode, run and encode in one go on the torch thread (see ``torch_thread`` for why)."""
         try:
-            msg = wire.decode(data)
+            msg = self._frames_in.read(sender, data)
         except ProtocolError as exc:
             log.warning("malformed message from %s: %s", sender, exc)
             return [self._error_to(sender, exc, None, None)]
@@ -354,6 +368,8 @@ class Node:
                 log.warning("step %s of session %s failed: %s", msg.step, msg.session, exc)
                 return [self._error_to(msg.reply_to, exc, msg.session, msg.step)]
         if isinstance(msg, wire.Close):
+            self._frames_in.forget_session(msg.session)
+            self._frames_out.forget_session(msg.session)
             for span in (self.serving, self._retiring):
                 if span is not None:
                     span.executor.close_session(msg.session)
@@ -402,7 +418,7 @@ class Node:
         timings = (*msg.timings, wire.HopTiming(self.peer_id, round(out.queue_ms, 3), round(out.compute_ms, 3)))
         if out.token_id is None:
             nxt = replace(msg, hop=msg.hop + 1, timings=timings, tensor=out.hidden)
-            return [_Outgoing(msg.route[msg.hop + 1].peer, wire.encode(nxt), msg.reply_to, msg.session, msg.step)]
+            return [_Outgoing(msg.route[msg.hop + 1].peer, frames.prepare(nxt), msg.reply_to, msg.session, msg.step)]
         pos = msg.pos + msg.tensor.shape[0]
         reply = _Outgoing(msg.reply_to, wire.encode(wire.Token(msg.session, msg.step, pos, out.token_id, timings)))
         if msg.ring <= 0 or out.token_id in msg.stop_ids or pos + 1 > msg.max_tokens:
@@ -418,7 +434,7 @@ class Node:
             chunks=(),
             tensor=torch.tensor([out.token_id], dtype=torch.int64),
         )
-        return [_Outgoing(msg.route[0].peer, wire.encode(again), msg.reply_to, msg.session, msg.step + 1), reply]
+        return [_Outgoing(msg.route[0].peer, frames.prepare(again), msg.reply_to, msg.session, msg.step + 1), reply]
 
     def _spans(self) -> list[ServedSpan]:
         return [s for s in (self.serving, self._retiring) if s is not None]

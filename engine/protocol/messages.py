@@ -82,6 +82,9 @@ class Forward:
     #: how hidden states travel between hops (``engine.protocol.codec``), chosen per job: every
     #: hop re-encodes its output with it; token ids always travel exactly
     codec: str = codec_mod.DEFAULT_CODEC
+    #: a full message announcing this id for later step frames on the same link
+    #: (``engine.protocol.frames``); 0: none. A transport detail, never set by callers.
+    ctx: int = 0
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,11 @@ def _plain(value: Any) -> Any:
 
 def encode(msg: Message) -> bytes:
     """Serialise a message; the tensor (if any) goes after the JSON header as raw bytes."""
+    return pack(*encode_parts(msg))
+
+
+def encode_parts(msg: Message) -> tuple[dict[str, Any], bytes]:
+    """The JSON-ready header and the tensor payload of ``msg`` (what ``pack`` joins)."""
     header: dict[str, Any] = {"type": _TYPE_NAMES[type(msg)]}
     payload = b""
     for f in fields(msg):
@@ -145,8 +153,12 @@ def encode(msg: Message) -> bytes:
             header["tensor"], payload = codec_mod.encode(value, getattr(msg, "codec", codec_mod.DEFAULT_CODEC))
         elif f.default is MISSING or value != f.default:  # defaults are implied: smaller headers
             header[f.name] = _plain(value)
+    return header, payload
+
+
+def pack(header: dict[str, Any], payload: bytes) -> bytes:
     head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-    return _PREFIX.pack(MAGIC, VERSION, len(head)) + head + payload
+    return b"".join((_PREFIX.pack(MAGIC, VERSION, len(head)), head, payload))
 
 
 # ---------------------------------------------------------------- decoding
@@ -242,6 +254,13 @@ def _tensor(desc: Any, payload: memoryview, max_elements: int) -> torch.Tensor:
 
 def decode(data: bytes | bytearray | memoryview, *, max_elements: int = MAX_TENSOR_ELEMENTS) -> Message:
     """Parse one whole message; anything malformed raises ``ProtocolError`` with a one-line reason."""
+    return decode_with_tensor(data, max_elements=max_elements)[0]
+
+
+def decode_with_tensor(
+    data: bytes | bytearray | memoryview, *, max_elements: int = MAX_TENSOR_ELEMENTS
+) -> tuple[Message, dict[str, Any] | None]:
+    """``decode``, plus the (validated) tensor description of the header, if any."""
     view = memoryview(data)
     if len(view) < _PREFIX.size:
         raise _fail("shorter than its prefix")
@@ -273,7 +292,7 @@ def decode(data: bytes | bytearray | memoryview, *, max_elements: int = MAX_TENS
                 raise _fail("forward without a tensor")
             route = _hops(h["route"])
             hop = _int(h["hop"], "hop", 0, len(route) - 1)
-            return Forward(
+            msg: Message = Forward(
                 session=_str(h["session"], "session"),
                 step=_int(h["step"], "step"),
                 pos=_int(h["pos"], "pos", 0, 10_000_000),
@@ -288,27 +307,31 @@ def decode(data: bytes | bytearray | memoryview, *, max_elements: int = MAX_TENS
                 stop_ids=_stop_ids(h.get("stop_ids", [])),
                 chunks=_chunks(h.get("chunks", [])),
                 codec=_codec(h.get("codec", codec_mod.DEFAULT_CODEC)),
+                ctx=_int(h.get("ctx", 0), "ctx", 0, 2**62),
             )
+            return msg, tensor_desc
         if tensor_desc is not None or len(payload):
             raise _fail("unexpected tensor payload")
         if kind is Token:
-            return Token(
+            msg = Token(
                 session=_str(h["session"], "session"),
                 step=_int(h["step"], "step"),
                 pos=_int(h["pos"], "pos"),
                 token_id=_int(h["token_id"], "token_id", 0, 2**31),
                 timings=_timings(h.get("timings", [])),
             )
-        if kind is Close:
+        elif kind is Close:
             route = _hops(h["route"])
-            return Close(_str(h["session"], "session"), route, _int(h["hop"], "hop", 0, len(route) - 1))
-        return ErrorReply(
-            code=_str(h["code"], "code", 64),
-            message=_str(h["message"], "message", 2000),
-            peer=_str(h["peer"], "peer"),
-            session=_optional(h.get("session"), lambda v: _str(v, "session")),
-            step=_optional(h.get("step"), lambda v: _int(v, "step")),
-            failed_peer=_optional(h.get("failed_peer"), lambda v: _str(v, "failed_peer")),
-        )
+            msg = Close(_str(h["session"], "session"), route, _int(h["hop"], "hop", 0, len(route) - 1))
+        else:
+            msg = ErrorReply(
+                code=_str(h["code"], "code", 64),
+                message=_str(h["message"], "message", 2000),
+                peer=_str(h["peer"], "peer"),
+                session=_optional(h.get("session"), lambda v: _str(v, "session")),
+                step=_optional(h.get("step"), lambda v: _int(v, "step")),
+                failed_peer=_optional(h.get("failed_peer"), lambda v: _str(v, "failed_peer")),
+            )
+        return msg, None
     except KeyError as exc:
         raise _fail(f"missing field {exc.args[0]!r}") from None

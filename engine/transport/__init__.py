@@ -8,6 +8,9 @@ Files and their roles:
                 by the owner's signaling, sends with back-pressure, delivers whole messages in order,
                 survives bad chunks, failing handlers and broken links
   signaling.py  the coordinator WebSocket client whose relayed signals feed PeerManager.handle_signal
+  identity.py   ed25519 peer keys, self-certifying peer ids and the signature binding each SDP's DTLS
+                fingerprints to its sender, receiver and link (a relay cannot swap them unnoticed)
+  ice_path.py   which ICE candidate pair a link was nominated on (direct, or through a TURN relay)
   sctp_tuning.py  aiortc's SCTP association made loss-tolerant and cheaper (RACK loss detection,
                 redundancy for small messages and tails, tail loss probe, batched SACKs, 16 KiB
                 packets on same-host paths); installed by peer.py unless KLUSTER_SCTP=stock

@@ -32,6 +32,8 @@ from engine.models.kv_cache import KVCache
 from engine.models.llama import FragmentModel
 from engine.models.sampling import SamplingParams, sample
 from engine.protocol import codec as wire
+from engine.protocol import frames
+from engine.protocol import messages as wire_msg
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +147,31 @@ def wire_bytes_per_token(hidden_size: int, variant: Variant) -> int:
     return len(variant.encode(torch.ones(1, 1, hidden_size))[1])
 
 
+def frame_overhead(hidden_size: int) -> int:
+    """Header bytes of a decode step's frame on the wire (``engine.protocol.frames``), whatever the codec.
+
+    Measured on a representative step: the middle hop of a 3-node route with coordinator-style
+    peer ids, past position 127 (two-byte varints), carrying the first hop's timing.
+    """
+    route = tuple(wire_msg.Hop(f"n-{i:012x}", 10 * i, 10 * i + 10) for i in range(3))
+    msg = wire_msg.Forward(
+        "0" * 32,
+        300,
+        340,
+        route,
+        1,
+        "c-000000000000",
+        wire_msg.Sampling(),
+        2048,
+        (wire_msg.HopTiming(route[0].peer, 0.05, 20.0),),
+        torch.zeros(1, 1, hidden_size),
+        40,
+    )
+    writer = frames.FrameWriter()
+    writer.frame("link", frames.prepare(msg))  # the first step announces the context
+    return len(writer.frame("link", frames.prepare(msg))) - 4 * hidden_size
+
+
 def run_tail(
     fragments: Sequence[FragmentModel],
     hidden: torch.Tensor,
@@ -232,8 +259,10 @@ def window_nll(
     return float(nll), len(ids) - 1
 
 
-def summarise(stats: dict[str, CodecStats], bytes_per_token: dict[str, int], with_ppl: bool) -> list[dict[str, Any]]:
-    """One row per codec, fp32 first, with ratios and changes against fp32."""
+def summarise(
+    stats: dict[str, CodecStats], bytes_per_token: dict[str, int], with_ppl: bool, overhead: int = 0
+) -> list[dict[str, Any]]:
+    """One row per codec, fp32 first, with ratios and changes against fp32 (``overhead``: frame header bytes)."""
     base_bytes = bytes_per_token["fp32"]
     base_ppl = math.exp(stats["fp32"].nll_sum / stats["fp32"].nll_count) if with_ppl else None
     rows = []
@@ -244,6 +273,8 @@ def summarise(stats: dict[str, CodecStats], bytes_per_token: dict[str, int], wit
                 "codec": name,
                 "bytes_per_token": bytes_per_token[name],
                 "ratio_vs_fp32": round(base_bytes / bytes_per_token[name], 3),
+                "frame_bytes_per_token": bytes_per_token[name] + overhead,
+                "frame_ratio_vs_fp32": round((base_bytes + overhead) / (bytes_per_token[name] + overhead), 3),
                 "identical": st.identical,
                 "prompts": st.prompts,
                 "identical_fraction": round(st.identical / st.prompts, 4) if st.prompts else None,
@@ -327,5 +358,6 @@ def evaluate(folder: Path, cfg: EvalConfig, progress: Callable[[str], None] = lo
         "perplexity_tokens": sum(len(w) - 1 for w in windows),
         "generation_s": round(gen_s, 1),
         "perplexity_s": round(ppl_s, 1),
-        "codecs": summarise(stats, bytes_per_token, bool(windows)),
+        "frame_overhead_bytes": frame_overhead(hidden_size),
+        "codecs": summarise(stats, bytes_per_token, bool(windows), frame_overhead(hidden_size)),
     }

@@ -5,7 +5,10 @@ halves what aiortc (pure Python SCTP/DTLS) can do; a real deployment has one pee
 
 The parent runs a :class:`PeerManager` and spawns ``python -m engine.transport.measure --echo``,
 whose PeerManager answers every message (see :func:`_echo_reply`). Signaling goes over the child's
-stdin/stdout as JSON lines, standing in for the coordinator relay. Printed figures:
+stdin/stdout as JSON lines, standing in for the coordinator relay: the child's first line names its
+peer id (derived from its fresh identity key, like every peer id), then come signals, and signals
+the child refuses (e.g. failing the identity check) are reported back as ``{"refused": reason}``.
+Printed figures:
 
 * RTT p50/p99 of 2.3 KB messages (one token's hidden state; ``--size``), one at a time;
 * throughput of 1 MB messages sent back to back, each acknowledged by a tiny reply.
@@ -31,12 +34,17 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from engine.errors import TransportError
+from engine.errors import KlusterError, TransportError
+from engine.transport.identity import Identity
 from engine.transport.peer import OnLinkLost, PeerManager
 
 log = logging.getLogger(__name__)
 
-ECHO_ID = "echo"
+#: Seconds the parent waits for the echo child to start and name its peer id.
+START_TIMEOUT_S = 30.0
+#: What a test relay may do to each signal: return it (changed or not), or None to drop it.
+#: Awaited with the direction ("to_echo" or "from_echo") and the signal's data.
+RelayFilter = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any] | None]]
 
 #: First byte of a request to the echo peer: E = send it back, H = reply sha256, else reply its length.
 ECHO = b"E"
@@ -58,20 +66,29 @@ async def _run_echo() -> None:
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     out = sys.stdout
+    identity = Identity.ephemeral()
+    echo_id = identity.peer_id("echo")
+
+    def write(obj: dict[str, Any]) -> None:
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
 
     async def send_signal(peer_id: str, data: dict[str, Any]) -> None:
-        out.write(json.dumps({"to": peer_id, "from": ECHO_ID, "data": data}) + "\n")
-        out.flush()
+        write({"to": peer_id, "from": echo_id, "data": data})
 
     async def on_message(peer_id: str, data: bytes) -> None:
         await manager.send(peer_id, _echo_reply(data))
 
-    manager = PeerManager(ECHO_ID, send_signal, on_message)
+    manager = PeerManager(echo_id, send_signal, on_message, identity=identity)
+    write({"hello": echo_id})
     try:
         while line := await reader.readline():
             msg = json.loads(line)
             try:
                 await manager.handle_signal(msg["from"], msg["data"])
+            except KlusterError as exc:
+                log.warning("echo: refused a signal from %s: %s", msg.get("from"), exc)
+                write({"refused": str(exc)})
             except Exception:
                 log.exception("echo: bad signal")
     finally:
@@ -106,21 +123,34 @@ async def stop_child(proc: asyncio.subprocess.Process | None, reader: asyncio.Ta
 class EchoProcess:
     """An echo peer in a child process plus a local PeerManager wired to it.
 
-    ``async with EchoProcess(on_message) as echo: await echo.manager.send(ECHO_ID, b"E...")``.
+    ``async with EchoProcess(on_message) as echo: await echo.manager.send(echo.echo_id, b"E...")``.
+    ``relay_filter`` sees (and may change or drop) every signal the parent relays, both ways: the
+    identity tests play a tampering signaling relay with it.
     """
 
     def __init__(
         self,
         on_message: Callable[[str, bytes], Awaitable[None]],
         *,
-        self_id: str = "measure",
         connect_timeout: float = 10.0,
         on_link_lost: OnLinkLost | None = None,
+        relay_filter: RelayFilter | None = None,
     ) -> None:
-        self.self_id = self_id
+        self.identity = Identity.ephemeral()
+        self.self_id = self.identity.peer_id("measure")
         self.manager = PeerManager(
-            self_id, self._send_signal, on_message, connect_timeout=connect_timeout, on_link_lost=on_link_lost
+            self.self_id,
+            self._send_signal,
+            on_message,
+            identity=self.identity,
+            connect_timeout=connect_timeout,
+            on_link_lost=on_link_lost,
         )
+        self._filter = relay_filter
+        #: the echo child's peer id (known once started)
+        self.echo_id = ""
+        #: signals the echo child refused, with its reasons, in order (refusals are not answered)
+        self.refused: asyncio.Queue[str] = asyncio.Queue()
         self.proc: asyncio.subprocess.Process | None = None
         self._relay: asyncio.Task[None] | None = None
 
@@ -134,6 +164,14 @@ class EchoProcess:
             stdout=asyncio.subprocess.PIPE,
             env=child_env(),
         )
+        try:
+            if self.proc.stdout is None:
+                raise TransportError("the echo process has no stdout")
+            line = await asyncio.wait_for(self.proc.stdout.readline(), START_TIMEOUT_S)
+            self.echo_id = str(json.loads(line)["hello"])
+        except (TimeoutError, ValueError, KeyError, TypeError) as exc:
+            await stop_child(self.proc, None)
+            raise TransportError(f"the echo process did not start: {exc or type(exc).__name__}") from None
         self._relay = asyncio.get_running_loop().create_task(self._relay_signals(), name="measure-relay")
         return self
 
@@ -146,6 +184,11 @@ class EchoProcess:
     async def _send_signal(self, peer_id: str, data: dict[str, Any]) -> None:
         if self.proc is None or self.proc.stdin is None:
             raise TransportError("the echo process is not running")
+        if self._filter is not None:
+            filtered = await self._filter("to_echo", data)
+            if filtered is None:  # the relay dropped it
+                return
+            data = filtered
         self.proc.stdin.write((json.dumps({"to": peer_id, "from": self.self_id, "data": data}) + "\n").encode())
         await self.proc.stdin.drain()
 
@@ -154,8 +197,16 @@ class EchoProcess:
             raise TransportError("the echo process is not running")
         while line := await self.proc.stdout.readline():
             msg = json.loads(line)
+            if "refused" in msg:
+                self.refused.put_nowait(str(msg["refused"]))
+                continue
+            data = msg["data"]
+            if self._filter is not None and (data := await self._filter("from_echo", data)) is None:
+                continue
             try:
-                await self.manager.handle_signal(msg["from"], msg["data"])
+                await self.manager.handle_signal(msg["from"], data)
+            except KlusterError as exc:
+                log.warning("measure: refused a signal from the echo process: %s", exc)
             except Exception:
                 log.exception("measure: bad signal from the echo process")
 
@@ -168,30 +219,31 @@ async def _measure(pings: int, bulk: int, size: int) -> None:
 
     async with EchoProcess(on_message) as echo:
         send = echo.manager.send
+        echo_id = echo.echo_id
         t0 = time.perf_counter()
-        await send(ECHO_ID, ECHO)
+        await send(echo_id, ECHO)
         await replies.get()
         print(f"first round trip (child start-up, link setup): {(time.perf_counter() - t0) * 1e3:.1f} ms")
 
         token = ECHO + os.urandom(size - 1)
         for _ in range(50):  # warm-up
-            await send(ECHO_ID, token)
+            await send(echo_id, token)
             await replies.get()
         rtts = []
         for _ in range(pings):
             t = time.perf_counter()
-            await send(ECHO_ID, token)
+            await send(echo_id, token)
             await replies.get()
             rtts.append(time.perf_counter() - t)
         q = statistics.quantiles(rtts, n=100)
         print(f"RTT {size} B x {pings}: p50 {q[49] * 1e3:.2f} ms, p99 {q[98] * 1e3:.2f} ms")
 
         block = os.urandom(1_000_000)
-        await send(ECHO_ID, block)  # warm-up
+        await send(echo_id, block)  # warm-up
         await replies.get()
         t = time.perf_counter()
         for _ in range(bulk):
-            await send(ECHO_ID, block)
+            await send(echo_id, block)
         for _ in range(bulk):
             await replies.get()
         dt = time.perf_counter() - t

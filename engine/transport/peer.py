@@ -26,6 +26,12 @@ in between is hidden here:
   trip (:meth:`PeerManager.rtt_ms`), which the scheduler routes by.
 * **Bad input.** Bad chunks from a peer are logged and counted, never fatal; exceptions raised by
   the owner's ``on_message`` are logged, never fatal.
+* **Identity.** Every offer and answer carries our public key and an ed25519 signature binding its
+  DTLS fingerprints to the link, to us and to the receiver (:mod:`engine.transport.identity`); a
+  received one whose key does not derive the sender's peer id, or whose signature does not cover
+  the fingerprints actually in its SDP, is refused before aiortc sees it. DTLS alone only proves
+  the other end holds the certificate named in the SDP, and the SDP passed through the signaling
+  relay, which could otherwise swap in its own certificate and sit in the middle of the link.
 * **SCTP.** Importing this module swaps aiortc's SCTP association for
   :class:`~engine.transport.sctp_tuning.TunedSctpTransport` in this process (``KLUSTER_SCTP=stock``
   keeps aiortc's): random loss no longer halves the window, a lost packet of a small message
@@ -57,7 +63,7 @@ from aiortc import (
 )
 from aiortc.exceptions import InvalidStateError
 
-from engine.errors import KlusterError, PeerError, ProtocolError, TransportError
+from engine.errors import ConfigError, IdentityError, KlusterError, PeerError, ProtocolError, TransportError
 from engine.transport import sctp_tuning
 from engine.transport.chunking import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -71,6 +77,8 @@ from engine.transport.chunking import (
     fits_whole,
     heartbeat_of,
 )
+from engine.transport.ice_path import IcePath, selected_path
+from engine.transport.identity import Identity, check_sdp, key_id_of, sign_sdp
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +308,9 @@ class PeerManager:
     delays later messages of that link only. ``on_link_lost(peer_id, reason)`` is awaited when the
     last open link to a peer closes (silence, failure, or the peer closing it), so an owner waiting
     for a reply from that peer can stop waiting at once.
+
+    ``identity`` is the key that signs our offers and answers; ``self_id`` must be derived from it
+    (``identity.peer_id(tag)``, as the coordinator assigns), and so must every peer id we talk to.
     """
 
     def __init__(
@@ -308,6 +319,7 @@ class PeerManager:
         send_signal: SendSignal,
         on_message: OnMessage,
         *,
+        identity: Identity,
         ice_servers: list[RTCIceServer] | None = None,
         connect_timeout: float = 10.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -319,7 +331,12 @@ class PeerManager:
             raise ValueError("connect_timeout must be positive")
         if heartbeat_s <= 0 or heartbeat_misses < 1:
             raise ValueError("heartbeat_s must be positive and heartbeat_misses at least 1")
+        if key_id_of(self_id) != identity.id:
+            raise ConfigError(f"peer id {self_id!r} is not derived from this identity's key ({identity.id})")
         self.self_id = self_id
+        self.identity = identity
+        #: signals refused as malformed or failing the identity check (each also raised to the owner)
+        self.bad_signals = 0
         self._send_signal = send_signal
         self._on_message = on_message
         self._on_link_lost = on_link_lost
@@ -339,19 +356,29 @@ class PeerManager:
 
     # -- public API ----------------------------------------------------------------------------
 
-    async def send(self, peer_id: str, data: bytes) -> None:
+    async def send(self, peer_id: str, data: bytes | Callable[[str], bytes]) -> None:
         """Deliver one whole message to ``peer_id``, opening a link first if there is none.
 
+        ``data`` may be a builder called with the key of the link the message will travel on, so
+        a sender can write frames that refer to what it sent earlier on that very link
+        (``engine.protocol.frames``); it is called right before the message is queued.
         Messages to one peer arrive in the order their ``send`` calls started. Raises
         :class:`PeerError` if no link opens within ``connect_timeout`` and
         :class:`TransportError` if the link is or becomes closed (the next send reconnects).
         """
-        if len(data) > self._max_message_bytes:
-            raise ProtocolError(f"message of {len(data)} bytes exceeds the {self._max_message_bytes}-byte limit")
+        if not callable(data):
+            self._check_size(data)
         link = self._send_links.get(peer_id)
         if link is None:
             link = await self._link_for(peer_id)
+        if callable(data):
+            data = data(link.key)
+            self._check_size(data)
         await link.send(data)
+
+    def _check_size(self, data: bytes) -> None:
+        if len(data) > self._max_message_bytes:
+            raise ProtocolError(f"message of {len(data)} bytes exceeds the {self._max_message_bytes}-byte limit")
 
     async def handle_signal(self, from_peer: str, data: dict[str, Any]) -> None:
         """Process a signaling message the owner received for us from ``from_peer``.
@@ -360,8 +387,17 @@ class PeerManager:
         answered (through ``send_signal``) from a tracked task, because gathering candidates can
         take seconds with STUN/TURN servers and the owner's signaling read loop, which also
         carries the answers our own connects wait for, must not stall behind it. Raises
-        :class:`ProtocolError` for a malformed message; a failure to answer is logged.
+        :class:`ProtocolError` for a malformed message and :class:`IdentityError` for one failing
+        the identity check (an offer is then left unanswered; the connect an answer was for fails
+        with that error at once); a failure to answer is logged.
         """
+        try:
+            self._handle_signal(from_peer, data)
+        except KlusterError:
+            self.bad_signals += 1
+            raise
+
+    def _handle_signal(self, from_peer: str, data: dict[str, Any]) -> None:
         if self._closed:
             log.debug("%s: ignoring a signal from %s after shutdown", self.self_id, from_peer)
             return
@@ -373,12 +409,17 @@ class PeerManager:
         if not isinstance(sdp, str):
             raise ProtocolError(f"signal from peer {from_peer} has no SDP")
         if kind == "offer":
-            self._accept(from_peer, link_id, sdp)
+            self._accept(from_peer, link_id, data, sdp)
         elif kind == "answer":
             link = self._links.get(f"out:{link_id}")
             if link is None or link.peer_id != from_peer or link.answer is None or link.answer.done():
                 log.debug("%s: ignoring a stray answer from %s for link %s", self.self_id, from_peer, link_id)
                 return
+            try:
+                check_sdp(data, "answer", link_id, from_peer, self.self_id, sdp)
+            except IdentityError as exc:
+                _fail(link.answer, exc)
+                raise
             link.answer.set_result(RTCSessionDescription(sdp=sdp, type="answer"))
         else:
             raise ProtocolError(f"signal from peer {from_peer} has unknown type {kind!r}")
@@ -405,6 +446,18 @@ class PeerManager:
     def is_connected(self, peer_id: str) -> bool:
         """Whether a message to ``peer_id`` would go out right away on an open link."""
         return peer_id in self._send_links
+
+    def set_ice_servers(self, ice_servers: list[RTCIceServer]) -> None:
+        """STUN/TURN servers for links opened from now on (open links keep theirs).
+
+        The coordinator hands out TURN credentials that expire; it sends fresh ones before that.
+        """
+        self._ice_servers = list(ice_servers)
+
+    def ice_path(self, peer_id: str) -> IcePath | None:
+        """The ICE candidate pair the link sends to ``peer_id`` use (direct or relayed), if open."""
+        link = self._send_links.get(peer_id)
+        return None if link is None else selected_path(link.pc)
 
     async def close_peer(self, peer_id: str, reason: str = "closed locally") -> None:
         """Close every link to ``peer_id``; a pending connect to it fails with TransportError.
@@ -496,12 +549,14 @@ class PeerManager:
             self._send_links[link.peer_id] = link
         if not link.opened.done():
             link.opened.set_result(None)
+        path = selected_path(link.pc)
         log.info(
-            "%s: %s link %s with peer %s is open",
+            "%s: %s link %s with peer %s is open (%s)",
             self.self_id,
             "outgoing" if link.outgoing else "incoming",
             link.link_id,
             link.peer_id,
+            "unknown path" if path is None else "via TURN relay" if path.relayed else "direct",
         )
 
     def _drop(self, link: _Link, reason: str) -> asyncio.Task[Any] | None:
@@ -603,9 +658,9 @@ class PeerManager:
             async with asyncio.timeout(self._connect_timeout):
                 self._attach(link, link.pc.createDataChannel(CHANNEL_LABEL, ordered=True))
                 await link.pc.setLocalDescription(await link.pc.createOffer())
-                await self._signal(
-                    peer_id, {"type": "offer", "link": link.link_id, "sdp": link.pc.localDescription.sdp}
-                )
+                sdp = link.pc.localDescription.sdp
+                signed = sign_sdp(self.identity, "offer", link.link_id, self.self_id, peer_id, sdp)
+                await self._signal(peer_id, {"type": "offer", "link": link.link_id, "sdp": sdp, **signed})
                 await link.pc.setRemoteDescription(await pending_answer)
                 await link.opened
         except TimeoutError:
@@ -623,10 +678,11 @@ class PeerManager:
         # After glare an earlier-opened link may already be the one to send on.
         return self._send_links.get(peer_id, link)
 
-    def _accept(self, peer_id: str, link_id: str, sdp: str) -> None:
+    def _accept(self, peer_id: str, link_id: str, data: dict[str, Any], sdp: str) -> None:
         """Register the link an offer from ``peer_id`` asks for and answer it in a tracked task."""
         if "m=application" not in sdp:
             raise ProtocolError(f"offer from peer {peer_id} carries no data channel")
+        check_sdp(data, "offer", link_id, peer_id, self.self_id, sdp)
         if f"in:{peer_id}:{link_id}" in self._links:
             log.debug("%s: ignoring a repeated offer from %s for link %s", self.self_id, peer_id, link_id)
             return
@@ -661,7 +717,9 @@ class PeerManager:
         if link.state == "closed":  # dropped meanwhile (open deadline, close_peer, shutdown)
             return
         try:
-            await self._signal(peer_id, {"type": "answer", "link": link.link_id, "sdp": link.pc.localDescription.sdp})
+            answer = link.pc.localDescription.sdp
+            signed = sign_sdp(self.identity, "answer", link.link_id, self.self_id, peer_id, answer)
+            await self._signal(peer_id, {"type": "answer", "link": link.link_id, "sdp": answer, **signed})
         except KlusterError as exc:
             log.warning("%s: could not answer peer %s: %s", self.self_id, peer_id, exc)
             self._drop(link, "answer not delivered")

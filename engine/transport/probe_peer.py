@@ -20,11 +20,17 @@ stdin, one JSON object a line, each with an ``id``:
   back to back for ``w + t`` seconds, reply the MB/s acknowledged during the last ``t`` seconds and
   this process's CPU seconds over them, then close the link (the queue left behind is dropped);
 * ``{"op": "cpu"}``: reply this process's user+system CPU seconds and message bytes received so far;
-* ``{"op": "stats", "peer": p}``: reply the SCTP counters of the links to ``p``.
+* ``{"op": "stats", "peer": p}``: reply the SCTP counters of the links to ``p``;
+* ``{"op": "ice", "servers": [{urls, username?, credential?}, ...]}``: STUN/TURN servers for links
+  opened from now on (as the coordinator's ``welcome`` hands them out), reply ``{}``;
+* ``{"op": "path", "peer": p}``: reply the ICE pair the link to ``p`` uses (``local_type``,
+  ``remote_type``, ``local``, ``remote``; ``relayed``), or ``{"path": null}``.
 
 Replies and signals go to stdout as ``{"op": "reply", "id": ..., ...}`` and
-``{"op": "signal", "to": peer, "data": {...}}``. :class:`ProbePeer` is the parent's handle;
-``stock=True`` starts the child on untouched aiortc, so one bench run can compare both.
+``{"op": "signal", "to": peer, "data": {...}}``, after a first line ``{"op": "hello", "peer_id": id}``:
+each child makes a fresh identity key and its peer id is derived from it, like every peer's.
+:class:`ProbePeer` is the parent's handle; ``stock=True`` starts the child on untouched aiortc, so
+one bench run can compare both.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -43,7 +50,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
-from engine.errors import TransportError
+from engine.errors import KlusterError, TransportError
 from engine.transport.measure import child_env, stop_child
 from engine.transport.sctp_tuning import MODE_ENV
 
@@ -67,12 +74,20 @@ REPLIES = (b"R", b"D", b"A")
 class _Prober:
     """The child's side: one PeerManager, replies to requests, and the measurements it is asked for."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, connect_timeout: float = 30.0) -> None:
+        from engine.transport.identity import Identity
         from engine.transport.peer import PeerManager
 
         self.name = name
         self._replies: dict[str, asyncio.Queue[bytes]] = {}
-        self.manager = PeerManager(name, self._send_signal, self._on_message, connect_timeout=30.0)
+        identity = Identity.ephemeral()
+        self.manager = PeerManager(
+            identity.peer_id("probe"),
+            self._send_signal,
+            self._on_message,
+            identity=identity,
+            connect_timeout=connect_timeout,
+        )
         self._out = sys.stdout
         self.rx_bytes = 0
 
@@ -170,7 +185,10 @@ class _Prober:
         op, rid = req.get("op"), req.get("id")
         try:
             if op == "signal":
-                await self.manager.handle_signal(req["from"], req["data"])
+                try:
+                    await self.manager.handle_signal(req["from"], req["data"])
+                except KlusterError as exc:  # refused (e.g. the identity check): no answer, no traceback
+                    log.warning("probe %s: refused a signal from %s: %s", self.name, req.get("from"), exc)
                 return
             if op == "rtt":
                 result = await self.rtt(req["peer"], int(req["count"]), int(req["size"]))
@@ -182,6 +200,14 @@ class _Prober:
                 result = {"cpu_s": _cpu_seconds(), "rx_bytes": self.rx_bytes}
             elif op == "stats":
                 result = {"sctp": self.manager.transport_stats(req["peer"])}
+            elif op == "ice":
+                from engine.transport.signaling import ice_servers_from
+
+                self.manager.set_ice_servers(ice_servers_from(req["servers"]))
+                result = {}
+            elif op == "path":
+                path = self.manager.ice_path(req["peer"])
+                result = {"path": None if path is None else {**dataclasses.asdict(path), "relayed": path.relayed}}
             else:
                 result = {"error": f"unknown op {op!r}"}
         except Exception as exc:
@@ -190,6 +216,7 @@ class _Prober:
         self._write({"op": "reply", "id": rid, **result})
 
     async def serve(self) -> None:
+        self._write({"op": "hello", "peer_id": self.manager.self_id})
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=16 * 1024 * 1024)
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -224,20 +251,28 @@ class ProbePeer:
 
     ``prefix`` is prepended to the child's command line (e.g. a WAN host's ``ip netns exec``);
     ``stock`` runs it on untouched aiortc. Pair two with :func:`relay` before asking for links.
+    ``name`` is a label; the child's peer id (``peer_id``) is derived from its own key.
     """
 
-    def __init__(self, name: str, *, prefix: Sequence[str] = (), stock: bool = False) -> None:
+    def __init__(
+        self, name: str, *, prefix: Sequence[str] = (), stock: bool = False, connect_timeout: float = 30.0
+    ) -> None:
         self.name = name
         self.stock = stock
+        self.connect_timeout = connect_timeout
         self._prefix = list(prefix)
         self.proc: asyncio.subprocess.Process | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._next_id = 0
         self._reader: asyncio.Task[None] | None = None
         self.peer: ProbePeer | None = None
+        #: the child's peer id, from its first line
+        self.peer_id = ""
+        self._hello: asyncio.Future[str] | None = None
 
     async def __aenter__(self) -> ProbePeer:
         argv = [*self._prefix, sys.executable, "-m", "engine.transport.probe_peer", "--name", self.name]
+        argv += ["--connect-timeout", str(self.connect_timeout)]
         self.proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.PIPE,
@@ -245,7 +280,13 @@ class ProbePeer:
             env=_child_env(self.stock),
             limit=16 * 1024 * 1024,
         )
+        self._hello = asyncio.get_running_loop().create_future()
         self._reader = asyncio.get_running_loop().create_task(self._read(), name=f"probe-{self.name}")
+        try:
+            self.peer_id = await asyncio.wait_for(asyncio.shield(self._hello), REQUEST_TIMEOUT_S)
+        except BaseException:
+            await stop_child(self.proc, self._reader)
+            raise
         return self
 
     async def __aexit__(
@@ -262,7 +303,12 @@ class ProbePeer:
         self.proc.stdin.write((json.dumps(obj) + "\n").encode())
 
     async def request(self, op: str, timeout: float = REQUEST_TIMEOUT_S, **fields: Any) -> dict[str, Any]:
-        """Send one request and wait for its reply; a reply carrying ``error`` raises TransportError."""
+        """Send one request and wait for its reply; a reply carrying ``error`` raises TransportError.
+
+        A ``peer`` field naming the paired probe by its label is sent as that probe's peer id.
+        """
+        if self.peer is not None and fields.get("peer") == self.peer.name:
+            fields["peer"] = self.peer.peer_id
         self._next_id += 1
         rid = self._next_id
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -285,10 +331,12 @@ class ProbePeer:
             except ValueError:
                 log.warning("probe %s wrote a non-JSON line: %r", self.name, line[:200])
                 continue
-            if msg.get("op") == "signal":
-                if self.peer is not None and msg.get("to") == self.peer.name:
+            if msg.get("op") == "hello" and self._hello is not None and not self._hello.done():
+                self._hello.set_result(str(msg.get("peer_id")))
+            elif msg.get("op") == "signal":
+                if self.peer is not None and msg.get("to") == self.peer.peer_id:
                     try:
-                        self.peer._write({"op": "signal", "from": self.name, "data": msg["data"]})
+                        self.peer._write({"op": "signal", "from": self.peer_id, "data": msg["data"]})
                     except TransportError:
                         log.warning("probe %s: its peer %s is gone; signal dropped", self.name, self.peer.name)
             elif msg.get("op") == "reply":
@@ -298,6 +346,8 @@ class ProbePeer:
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(TransportError(f"probe {self.name} exited"))
+        if self._hello is not None and not self._hello.done():
+            self._hello.set_exception(TransportError(f"probe {self.name} exited before naming its peer id"))
 
 
 def relay(a: ProbePeer, b: ProbePeer) -> None:
@@ -307,12 +357,13 @@ def relay(a: ProbePeer, b: ProbePeer) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--name", required=True, help="this peer's id")
+    parser.add_argument("--name", required=True, help="this peer's label in logs (its id comes from its key)")
+    parser.add_argument("--connect-timeout", type=float, default=30.0, help="seconds a link may take to open")
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("KLUSTER_LOGLEVEL", "WARNING"), stream=sys.stderr)
     from engine import aio
 
-    aio.run(_Prober(args.name).serve())
+    aio.run(_Prober(args.name, args.connect_timeout).serve())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """The peer side of the coordinator WebSocket: hello/welcome, signal relay, control messages.
 
-Nodes and clients both hold one of these. Signals addressed to us go to the ``PeerManager``;
+Nodes and clients both hold one of these. The hello proves we hold our identity key: the
+coordinator opens with a fresh nonce, the hello carries our public key and a signature over it,
+and our peer id is derived from that key (``engine.transport.identity``), so nobody else can
+register under it. Signals addressed to us go to the ``PeerManager``;
 a ``signal_error`` (the target is not connected) fails the pending connection at once instead of
 letting it run into the connect timeout; everything else goes to the owner's ``on_control``.
 """
@@ -19,6 +22,7 @@ import aiohttp
 from aiortc import RTCIceServer
 
 from engine.errors import CoordinatorError, KlusterError, error_for_code
+from engine.transport.identity import Identity, hello_proof, key_id_of
 from engine.transport.peer import PeerManager
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,13 @@ RECONNECT_MAX_S = 2.0
 #: ...and the connect timeout of each attempt: a fresh SYN every few seconds finds a healed
 #: network sooner than TCP's own SYN retries (1, 2, 4, 8 s apart) would.
 RECONNECT_TIMEOUT_S = 3.0
+#: WebSocket close codes the coordinator uses: a hello it refuses (no valid identity proof)...
+CLOSE_BAD_HELLO = 4000
+#: ...and an older socket of a peer whose key just connected again (kill -9 and restart, or two
+#: processes sharing one key file: the replaced one stops instead of taking the id back).
+CLOSE_REPLACED = 4001
+#: Coordinator -> peer: fresh STUN/TURN servers (TURN credentials expire; see engine.coordinator.turn).
+ICE_SERVERS = "ice_servers"
 
 
 def ws_url(base: str) -> str:
@@ -71,8 +82,12 @@ class SignalingClient:
         *,
         on_control: OnControl | None = None,
         connect_timeout: float = 10.0,
+        identity: Identity | None = None,
     ) -> None:
         self.coordinator = coordinator.rstrip("/")
+        #: our key (a node's long-term one; a fresh one per process when not given): our peer id
+        #: is derived from it, and it signs our hello and every SDP our PeerManager sends
+        self.identity = identity or Identity.ephemeral()
         self._url = ws_url(self.coordinator)
         self.role, self.name = role, name
         self._on_control = on_control
@@ -83,41 +98,66 @@ class SignalingClient:
         self.ice_servers: list[RTCIceServer] = []
         self.peers: PeerManager | None = None
         self.closed = asyncio.Event()
-        self._resume_token = ""
+        #: set when the coordinator closed our socket because our key connected again elsewhere
+        self.replaced = False
 
     async def connect(self, extra: dict[str, Any] | None = None, *, timeout_s: float | None = None) -> str:
         """Open the WebSocket and say hello; returns our peer id. Fails fast with a one-line error.
 
-        Called again after the socket closed, it asks to keep the previous peer id (the coordinator
-        grants it with the token it issued), so routes and WebRTC links through us stay valid.
+        Called again after the socket closed, it gets the same peer id back (the id is derived
+        from our key), so routes and WebRTC links through us stay valid, even across a
+        coordinator restart.
         """
         await self._close_socket()
         limit = self._connect_timeout if timeout_s is None else timeout_s
         timeout = aiohttp.ClientTimeout(total=None, connect=limit, sock_connect=limit)
         self._session = aiohttp.ClientSession(timeout=timeout)
         hello: dict[str, Any] = {"type": "hello", "role": self.role, "name": self.name, **(extra or {})}
-        if self.peer_id and self._resume_token:
-            hello["resume"] = {"peer_id": self.peer_id, "token": self._resume_token}
         try:
             self._ws = await self._session.ws_connect(
                 self._url, max_msg_size=1 << 20, timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_S)
             )
-            await self._ws.send_json(hello)
-            welcome = await asyncio.wait_for(self._ws.receive_json(), limit)
+            challenge = await self._receive_object(self._ws, limit)
+            nonce = challenge.get("nonce") if challenge.get("type") == "challenge" else None
+            if isinstance(nonce, str):
+                hello["key"] = self.identity.public_b64
+                hello["sig"] = self.identity.sign_b64(hello_proof(self.role, nonce))
+                await self._ws.send_json(hello)
+                welcome = await self._receive_object(self._ws, limit)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError, TypeError) as exc:
             await self.shutdown()
             raise CoordinatorError(
                 f"cannot reach the coordinator at {self.coordinator}: {exc or type(exc).__name__}"
             ) from None
-        if not isinstance(welcome, dict) or welcome.get("type") != "welcome":
+        except CoordinatorError:
+            await self.shutdown()
+            raise
+        if not isinstance(nonce, str) or welcome.get("type") != "welcome":
             await self.shutdown()
             raise CoordinatorError(f"{self.coordinator} did not answer like a Kluster coordinator")
-        self.peer_id = str(welcome["peer_id"])
-        token = welcome.get("resume_token")
-        self._resume_token = token if isinstance(token, str) else ""
+        peer_id = str(welcome.get("peer_id"))
+        if key_id_of(peer_id) != self.identity.id:
+            await self.shutdown()
+            raise CoordinatorError(f"{self.coordinator} assigned peer id {peer_id!r}, which our key does not derive")
+        self.peer_id = peer_id
         self.ice_servers = ice_servers_from(welcome.get("ice_servers"))
+        if self.peers is not None:  # after a reconnect: the new credentials serve the next links
+            self.peers.set_ice_servers(self.ice_servers)
         self.closed.clear()
         return self.peer_id
+
+    async def _receive_object(self, ws: aiohttp.ClientWebSocketResponse, limit: float) -> dict[str, Any]:
+        """The next JSON object on ``ws`` during the handshake; a close becomes a one-line error with its reason."""
+        msg = await asyncio.wait_for(ws.receive(), limit)
+        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+            reason = msg.extra if isinstance(msg.extra, str) and msg.extra else "no reason given"
+            raise CoordinatorError(f"the coordinator at {self.coordinator} refused us: {reason}")
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            raise ValueError(f"unexpected {msg.type.name} message")
+        data = json.loads(msg.data)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
 
     async def send(self, message: dict[str, Any]) -> None:
         if self._ws is None or self._ws.closed:
@@ -145,6 +185,8 @@ class SignalingClient:
             async for data in receive_json(ws, HEARTBEAT_S * HEARTBEAT_MISSES, "the coordinator"):
                 await self._dispatch(data)
         finally:
+            if ws.close_code == CLOSE_REPLACED:
+                self.replaced = True
             pinger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pinger
@@ -160,14 +202,20 @@ class SignalingClient:
         """Read messages until ``stopping()``; after every drop, reconnect (``reconnect``) and go on.
 
         Nodes and clients both live through partitions and coordinator restarts this way. The
-        peer id normally survives; when the coordinator no longer knows our resume token it hands
-        out a new one, and ``on_new_identity(old_id)`` lets the owner rebuild what was tied to the
-        old id (its WebRTC links, steps waiting for replies addressed to it).
+        peer id is derived from our key, so it survives; should a coordinator ever assign another,
+        ``on_new_identity(old_id)`` lets the owner rebuild what was tied to the old id (its WebRTC
+        links, steps waiting for replies addressed to it). Raises CoordinatorError if the
+        coordinator closed our socket because our key connected again from elsewhere.
         """
         while not stopping():
             await self.run()
             if stopping():
                 return
+            if self.replaced:  # reconnecting would only take the id back and start a tug of war
+                raise CoordinatorError(
+                    f"another process connected to the coordinator with this {self.role}'s identity key "
+                    f"(peer id {self.peer_id}); is one key file shared by two {self.role}s?"
+                )
             log.warning("lost the coordinator; reconnecting")
             old_id = self.peer_id
             await self.reconnect(extra)
@@ -202,6 +250,10 @@ class SignalingClient:
                 await self.peers.handle_signal(str(data.get("from")), data.get("data") or {})
             except KlusterError as exc:
                 log.warning("bad signal from %s: %s", data.get("from"), exc)
+        elif kind == ICE_SERVERS:
+            self.ice_servers = ice_servers_from(data.get("ice_servers"))
+            if self.peers is not None:
+                self.peers.set_ice_servers(self.ice_servers)
         elif kind == "signal_error" and self.peers is not None:
             log.info("coordinator: peer %s is not connected", data.get("to"))
             await self.peers.close_peer(str(data.get("to")))

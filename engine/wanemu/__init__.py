@@ -3,7 +3,8 @@
 Why its own package: the real transport (aiortc over UDP, the aiohttp coordinator) has to be
 measured and tested across a WAN, and this kernel has no netem. See `topology` for the layout and
 `delayer` for the NFQUEUE program. Needs root, `ip`, `tc`, `iptables` and NetfilterQueue;
-`root_available()` says whether they work here.
+`root_available()` says whether they work here. `turnserver` runs a real coturn on a host (NAT
+traversal tests).
 
     with Topology(["coord", "a", "b"]) as topo:
         topo.set_link("a", delay_ms=40, loss=0.01, rate_mbit=50)

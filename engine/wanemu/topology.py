@@ -8,6 +8,7 @@ so processes in the hosts can reach only each other. Shaping applies to traffic 
   per host) served by a `delayer` process in the router namespace (this kernel has no netem);
 * rate: a tbf qdisc on the host's ``eth0``, so the sender's TCP sees ordinary queue back-pressure;
 * partition: DROP rules in the router for everything to or from the host.
+* block: DROP rules in the router for everything between two hosts (each still reaches the rest).
 
 A one-way trip from A to B therefore takes A's delay; a round trip takes A's plus B's.
 IPv6 is off in the hosts: iptables only sees IPv4, and an IPv6 path would bypass the shaping.
@@ -100,6 +101,7 @@ class Topology:
         self._delayers: dict[str, DelayerProcess] = {}
         self._queued: set[str] = set()
         self._partitioned: set[str] = set()
+        self._blocked: set[tuple[str, str]] = set()
         self._reaper: subprocess.Popen[bytes] | None = None
         self._started = False
         # Shaping calls may come from several threads (a timer that heals a partition, say);
@@ -244,6 +246,44 @@ class Topology:
     def is_partitioned(self, host: str) -> bool:
         self.host(host)
         return host in self._partitioned
+
+    def block(self, a: str, b: str) -> None:
+        """Drop every packet between hosts ``a`` and ``b`` (both ways) at the switch until `unblock`.
+
+        Unlike `partition`, both still reach every other host: a firewall or NAT pair that cannot
+        talk directly but shares a relay (TURN) and the coordinator.
+        """
+        ha, hb = self.host(a), self.host(b)
+        with self._lock:
+            if (a, b) in self._blocked:
+                return
+            for src, dst in ((ha, hb), (hb, ha)):
+                run(self._router(["iptables", "-I", "FORWARD", "1", "-s", src.ip, "-d", dst.ip, "-j", "DROP"]))
+            self._blocked.update({(a, b), (b, a)})
+
+    def unblock(self, a: str, b: str) -> None:
+        """Undo `block` (packets dropped meanwhile stay lost)."""
+        ha, hb = self.host(a), self.host(b)
+        with self._lock:
+            if (a, b) not in self._blocked:
+                return
+            for src, dst in ((ha, hb), (hb, ha)):
+                run(self._router(["iptables", "-D", "FORWARD", "-s", src.ip, "-d", dst.ip, "-j", "DROP"]))
+            self._blocked.difference_update({(a, b), (b, a)})
+
+    def blocked_packets(self, a: str, b: str) -> int:
+        """Packets from ``a`` to ``b`` dropped by `block` so far (0 if the pair is not blocked)."""
+        src, dst = self.host(a).ip, self.host(b).ip
+        with self._lock:
+            if (a, b) not in self._blocked:
+                return 0
+            table = run(self._router(["iptables", "-L", "FORWARD", "-n", "-v", "-x"]))
+        for line in table.splitlines():
+            cols = line.split()
+            # pkts bytes target prot opt in out source destination
+            if len(cols) >= 9 and cols[2] == "DROP" and cols[7] == src and cols[8] == dst:
+                return int(cols[0])
+        return 0
 
     # -- internals ------------------------------------------------------------------------------
 

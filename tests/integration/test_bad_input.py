@@ -65,7 +65,9 @@ class _RawClient:
 
     async def start(self) -> None:
         await self.signaling.connect()
-        self.peers = PeerManager(self.signaling.peer_id, self.signaling.send_signal, self._on_message)
+        self.peers = PeerManager(
+            self.signaling.peer_id, self.signaling.send_signal, self._on_message, identity=self.signaling.identity
+        )
         self.signaling.peers = self.peers
         self._task = asyncio.create_task(self.signaling.run())
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from engine.client.generation import GenerationRequest, generate_events
@@ -170,3 +171,45 @@ def test_int8_activations_through_the_route_match_int8_locally(cluster3: LocalCl
     local_fp32 = _local_with_codec(smollm2_dir, spans, request.prompt_ids, len(ids), "fp32", sampling)
     assert local_int8 != local_fp32  # the codec matters for this prompt and seed
     assert ids == local_int8
+
+
+def test_decode_steps_travel_as_small_step_frames(cluster3: LocalCluster, smollm2_dir: Path) -> None:
+    """After the first step, each hop's per-session header is not resent: int8 steps cost ~658 bytes.
+
+    The nodes report what they framed (every 5 s) and the coordinator shows it in /v1/nodes; the
+    counters are cumulative, so the check is on the change over one 24-token int8 generation.
+    """
+    tokenizer = ModelTokenizer(smollm2_dir)
+    request = _requests(tokenizer, SamplingParams(), n=24)[0]
+
+    async def frames_sent() -> dict[str, dict[str, int]]:
+        async with aiohttp.ClientSession() as http, http.get(f"{cluster.url}/v1/nodes") as resp:
+            return {n["peer_id"]: n["frames_sent"] for n in (await resp.json())["nodes"]}
+
+    cluster = cluster3
+
+    async def run() -> tuple[list[str], dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+        remote = RemotePipeline(cluster.url, "smollm2-135m", codec="int8")
+        try:
+            route = [h.peer_id for h in await remote.start()]
+            await asyncio.sleep(6)  # one report interval: counters from earlier tests have arrived
+            before = await frames_sent()
+            assert len(await _tokens(remote, request, tokenizer)) == 24
+            for _ in range(60):
+                await asyncio.sleep(0.5)
+                after = await frames_sent()
+                if all(after[p].get("step", 0) - before[p].get("step", 0) >= 22 for p in route):
+                    break
+            return route, before, after
+        finally:
+            await remote.shutdown()
+
+    route, before, after = asyncio.run(run())
+    for peer in route[:2]:  # hops that send hidden states: 23 decode steps after the prefill
+        steps = after[peer]["step"] - before[peer]["step"]
+        full = after[peer]["full"] - before[peer]["full"]
+        per_step = (after[peer]["step_bytes"] - before[peer]["step_bytes"]) / steps
+        assert steps >= 22 and full <= 2, (peer, steps, full)
+        assert 642 < per_step <= 642 + 24, per_step  # int8 payload (576 codes + side data) + a small header
+    last = route[2]  # the ring: sampled token ids back to the first hop
+    assert after[last]["step"] - before[last]["step"] >= 22

@@ -347,6 +347,10 @@ def test_bench_codec_on_the_real_model(smollm2_dir: Path, tmp_path: Path, capsys
     assert list(rows) == ["fp32", "fp16", "bf16", "int8:o0", "int8"]
     assert [rows[c]["bytes_per_token"] for c in rows] == [2304, 1152, 1152, 594, 642]
     assert rows["int8"]["ratio_vs_fp32"] >= 3.5
+    # whole step frames, header included (the per-session header goes once per link)
+    assert 0 < result["frame_overhead_bytes"] <= 24
+    assert rows["int8"]["frame_bytes_per_token"] == 642 + result["frame_overhead_bytes"]
+    assert rows["int8"]["frame_ratio_vs_fp32"] >= 3.5
     assert rows["fp32"]["max_abs_logit_diff"] == 0 and rows["fp32"]["perplexity_change"] == 0
     assert all(r["prompts"] == 2 and 0 <= r["identical"] <= 2 for r in rows.values())
     assert rows["fp16"]["identical"] == 2  # fp16 keeps ~3 decimal digits: greedy tokens do not move

@@ -44,3 +44,17 @@ def test_a_registry_file_from_an_older_version_gains_the_span_columns(tmp_path: 
     reg.set_span("n-old", "m", (0, 2), ready=True)
     assert reg.online_nodes() == [NodeRow("n-old", "old", "m", (0, 2), True)]
     reg.close()
+
+
+def test_a_node_rejoining_after_a_coordinator_restart_gets_a_fresh_row(tmp_path: Path) -> None:
+    # Peer ids come from node keys, so a restarted coordinator sees the same id again.
+    path = tmp_path / "registry.sqlite3"
+    reg = Registry(path)
+    reg.add_node("n-a", "a")
+    reg.set_span("n-a", "m", (0, 2), ready=True)
+    reg.close()
+    reg = Registry(path)
+    assert reg.online_nodes() == []
+    reg.add_node("n-a", "renamed")
+    assert reg.online_nodes() == [NodeRow("n-a", "renamed", None, None, False)]
+    reg.close()

@@ -72,6 +72,20 @@ def test_partition_drops_everything_and_heal_restores(topology: Topology) -> Non
     assert udp_ping(b, a, count=10, interval=0.01).lost == 0
 
 
+def test_block_cuts_one_pair_only_and_counts_what_it_dropped(wan_root: None) -> None:
+    with Topology(["a", "b", "c"], seed=5) as topo:
+        a, b, c = (topo.host(n) for n in "abc")
+        topo.block("a", "b")
+        assert udp_ping(a, b, count=5, interval=0.01, wait=0.5).lost == 5
+        assert udp_ping(b, a, count=5, interval=0.01, wait=0.5).lost == 5
+        assert udp_ping(a, c, count=5, interval=0.01).lost == 0, "a still reaches the rest"
+        assert udp_ping(b, c, count=5, interval=0.01).lost == 0, "b still reaches the rest"
+        assert topo.blocked_packets("a", "b") == 5 and topo.blocked_packets("b", "a") == 5
+        topo.unblock("b", "a")
+        assert udp_ping(a, b, count=5, interval=0.01).lost == 0
+        assert topo.blocked_packets("a", "b") == 0
+
+
 def test_hosts_have_routable_addresses_in_a_private_subnet(topology: Topology) -> None:
     a, b = topology.host("a"), topology.host("b")
     assert a.ip == f"10.{topology.subnet}.0.1" and b.ip == f"10.{topology.subnet}.0.2"
