@@ -60,7 +60,8 @@ def split_layers(num_layers: int, count: int) -> list[tuple[int, int]]:
 
 
 def fragment_flops(cfg: ModelConfig, start: int, end: int, head: bool) -> int:
-    return (end - start) * cfg.flops_per_token_layer() + (cfg.flops_per_token_head() if head else 0)
+    # Summed per layer: in a MoE model dense and sparse layers cost differently.
+    return cfg.flops_per_token_layers(start, end) + (cfg.flops_per_token_head() if head else 0)
 
 
 def _write_fragment(

@@ -7,13 +7,14 @@ code, which is what makes token-identical distributed output possible.
 
 Weights use Hugging Face names on disk (``model.layers.N.self_attn.q_proj.weight`` ...); at load
 time q/k/v and gate/up are fused into single matmuls, which matters on CPUs where batch-1 decode
-is dominated by per-op overhead.
+is dominated by per-op overhead. Mixtral / Qwen2-MoE layers swap the dense MLP for the sparse
+expert block of ``engine.models.moe``; dense layers run exactly the code they always did.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,8 @@ from torch import nn
 from engine.errors import ModelFormatError, SessionError
 from engine.models.config import ModelConfig
 from engine.models.kv_cache import KVCache
+from engine.models.moe import SparseMoeBlock
+from engine.models.moe_weights import moe_layer_names
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -75,8 +78,13 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-class DecoderLayer(nn.Module):
-    """Pre-norm attention (GQA, rope) + SwiGLU MLP, with fused qkv and gate/up projections."""
+class AttentionLayer(nn.Module):
+    """The attention half of a decoder layer (pre-norm, GQA, rope, fused qkv) and both norms.
+
+    Dense and MoE layers differ only in the MLP after ``post_attention_layernorm``; ``attend``
+    is separate so a distributed MoE layer can run attention and routing on one node and the
+    experts elsewhere.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -87,10 +95,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.qkv = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
-        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(
+    def attend(
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
@@ -100,6 +106,7 @@ class DecoderLayer(nn.Module):
         start: int,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
+        """``x`` plus self-attention over it (and the cached positions): the residual stream after attention."""
         cfg = self.cfg
         b, t, _ = x.shape
         h = self.input_layernorm(x)
@@ -116,10 +123,57 @@ class DecoderLayer(nn.Module):
         attn = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=True
         )
-        x = x + self.o_proj(attn.transpose(1, 2).reshape(b, t, self.q_size))
+        return x + self.o_proj(attn.transpose(1, 2).reshape(b, t, self.q_size))
+
+
+class DecoderLayer(AttentionLayer):
+    """Attention + SwiGLU MLP, with fused qkv and gate/up projections."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        layer_slot: int,
+        start: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        x = self.attend(x, cos, sin, cache, layer_slot, start, mask)
         h = self.post_attention_layernorm(x)
         gate, up = self.gate_up(h).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
+
+
+class MoEDecoderLayer(AttentionLayer):
+    """Attention + a sparse Mixture-of-Experts MLP (``engine.models.moe``)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__(cfg)
+        self.moe = SparseMoeBlock(cfg, layer)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        layer_slot: int,
+        start: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        x = self.attend(x, cos, sin, cache, layer_slot, start, mask)
+        return x + self.moe(self.post_attention_layernorm(x))
+
+
+def make_layer(cfg: ModelConfig, layer: int) -> DecoderLayer | MoEDecoderLayer:
+    """The decoder layer at absolute index ``layer``: MoE where the config routes that layer's MLP."""
+    return MoEDecoderLayer(cfg, layer) if cfg.is_moe_layer(layer) else DecoderLayer(cfg)
 
 
 def attention_mask(start: int, length: int, window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -139,7 +193,7 @@ def attention_mask(start: int, length: int, window: int | None, device: torch.de
 
 
 class FragmentModel(nn.Module):
-    """Layers ``[start, end)`` of a Llama-family model, with embeddings and/or head when held.
+    """Layers ``[start, end)`` of a Llama-family (or MoE) model, with embeddings and/or head when held.
 
     ``forward`` takes token ids (B, T) when the fragment has the embeddings, hidden states
     (B, T, H) otherwise; it returns hidden states, or logits when the fragment has the head.
@@ -153,7 +207,7 @@ class FragmentModel(nn.Module):
         self.start, self.end = start, end
         self.has_embed, self.has_head = embed, head
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if embed else None
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(start, end))
+        self.layers = nn.ModuleList(make_layer(cfg, i) for i in range(start, end))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if head else None
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if head else None
         self.rotary = RotaryTable(cfg)
@@ -243,17 +297,32 @@ class FragmentModel(nn.Module):
                 put(layer.o_proj.weight, att + "o_proj.weight")
                 if layer.o_proj.bias is not None:
                     put(layer.o_proj.bias, att + "o_proj.bias")
-                put(layer.gate_up.weight, mlp + "gate_proj.weight", mlp + "up_proj.weight")
-                put(layer.down_proj.weight, mlp + "down_proj.weight")
-                if layer.gate_up.bias is not None and layer.down_proj.bias is not None:
-                    put(layer.gate_up.bias, mlp + "gate_proj.bias", mlp + "up_proj.bias")
-                    put(layer.down_proj.bias, mlp + "down_proj.bias")
+                if isinstance(layer, MoEDecoderLayer):
+                    self._load_moe(layer.moe, put)
+                else:
+                    put(layer.gate_up.weight, mlp + "gate_proj.weight", mlp + "up_proj.weight")
+                    put(layer.down_proj.weight, mlp + "down_proj.weight")
+                    if layer.gate_up.bias is not None and layer.down_proj.bias is not None:
+                        put(layer.gate_up.bias, mlp + "gate_proj.bias", mlp + "up_proj.bias")
+                        put(layer.down_proj.bias, mlp + "down_proj.bias")
                 put(layer.input_layernorm.weight, pre + "input_layernorm.weight")
                 put(layer.post_attention_layernorm.weight, pre + "post_attention_layernorm.weight")
             if self.norm is not None and self.lm_head is not None:
                 put(self.norm.weight, "model.norm.weight")
                 tied = self.cfg.tie_word_embeddings and "lm_head.weight" not in tensors
                 put(self.lm_head.weight, "model.embed_tokens.weight" if tied else "lm_head.weight")
+
+    def _load_moe(self, block: SparseMoeBlock, put: Callable[..., None]) -> None:
+        names = moe_layer_names(self.cfg, block.layer)
+        put(block.router.weight, names.router)
+        for expert, n in enumerate(names.experts):
+            gate_up, down = block.experts.params(expert)
+            put(gate_up, n.gate, n.up)
+            put(down, n.down)
+        if block.shared is not None and names.shared is not None and names.shared_gate is not None:
+            put(block.shared.gate_up.weight, names.shared.gate, names.shared.up)
+            put(block.shared.down_proj.weight, names.shared.down)
+            put(block.shared.gate.weight, names.shared_gate)
 
 
 def hf_tensor_names(cfg: ModelConfig, start: int, end: int, *, embed: bool, head: bool) -> list[str]:
@@ -267,10 +336,13 @@ def hf_tensor_names(cfg: ModelConfig, start: int, end: int, *, embed: bool, head
             names += [f"{pre}self_attn.{n}_proj.bias" for n in ("q", "k", "v")]
         if cfg.o_bias:
             names.append(f"{pre}self_attn.o_proj.bias")
-        for n in ("gate", "up", "down"):
-            names.append(f"{pre}mlp.{n}_proj.weight")
-            if cfg.mlp_bias:
-                names.append(f"{pre}mlp.{n}_proj.bias")
+        if cfg.is_moe_layer(i):
+            names += moe_layer_names(cfg, i).all()
+        else:
+            for n in ("gate", "up", "down"):
+                names.append(f"{pre}mlp.{n}_proj.weight")
+                if cfg.mlp_bias:
+                    names.append(f"{pre}mlp.{n}_proj.bias")
         names += [pre + "input_layernorm.weight", pre + "post_attention_layernorm.weight"]
     if head:
         names += ["model.norm.weight", "lm_head.weight"]

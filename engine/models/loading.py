@@ -1,7 +1,9 @@
 """Reading Hugging Face model folders and building (fragment) models from them.
 
 Only the tensors a fragment needs are read (safetensors is memory-mapped), so a node holding
-layers 10-19 of a large model never touches the rest of the file.
+layers 10-19 of a large model never touches the rest of the file. MoE experts are always handed
+out under their per-expert names, also from checkpoints that store them fused (see
+``engine.models.moe_weights``); only the asked-for expert's slice of a fused tensor is read.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from safetensors import safe_open
 from engine.errors import ModelFormatError
 from engine.models.config import ModelConfig, load_config
 from engine.models.llama import FragmentModel, RotaryTable, hf_tensor_names
+from engine.models.moe_weights import FusedSlice, fused_source
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +45,38 @@ def weight_files(folder: Path) -> dict[str, Path]:
 
 
 def read_tensors(folder: Path, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """Read the named tensors (all when ``names`` is None); absent names are simply not returned."""
+    """Read the named tensors (all when ``names`` is None); absent names are simply not returned.
+
+    A named per-expert MoE tensor the folder lacks is cut from its fused form when that is there.
+    """
     where = weight_files(folder)
     wanted = set(where) if names is None else {n for n in names if n in where}
+    fused: dict[str, FusedSlice] = {}
+    for name in () if names is None else names:
+        src = None if name in where else fused_source(name)
+        if src is not None and src.source in where:
+            fused[name] = src
     by_file: dict[Path, list[str]] = {}
     for name in wanted:
         by_file.setdefault(where[name], []).append(name)
+    for name, src in fused.items():
+        by_file.setdefault(where[src.source], []).append(name)
     tensors: dict[str, torch.Tensor] = {}
     for path, file_names in by_file.items():
         try:
             with safe_open(str(path), framework="pt") as sf:
                 for name in file_names:
-                    tensors[name] = sf.get_tensor(name)
-        except (OSError, RuntimeError) as exc:
+                    src = fused.get(name)
+                    if src is None:
+                        tensors[name] = sf.get_tensor(name)
+                    elif src.expert is None:
+                        tensors[name] = sf.get_tensor(src.source)
+                    else:
+                        tensors[name] = src.take(sf.get_slice(src.source)[src.expert])
+        except (OSError, RuntimeError, IndexError) as exc:
             raise ModelFormatError(f"cannot read weights from {path}: {exc}") from None
+    if fused:
+        log.debug("cut %d per-expert tensors out of fused expert weights in %s", len(fused), folder)
     return tensors
 
 
