@@ -8,6 +8,7 @@ Every user mistake surfaces as a ``KlusterError`` whose message is printed on on
   coordinator the maintainers' control-plane server
   node        a supplier's worker hosting one fragment
   fragments   pack a model into Tensor Fragments
+  calibrate   measure each layer's importance over a text, for fragment manifests
   bench       benchmarks that print a table of ratios measured in one run
   sim         simulate a large grid: our scheduler vs a Petals-style baseline
 """
@@ -68,6 +69,20 @@ def add_generation_options(p: argparse.ArgumentParser, *, prompt_required: bool)
         help="how activations travel between nodes: fp32 exact (default); int8 is ~3.6x smaller, "
         "output identical for ~93%% of prompts (kluster bench codec)",
     )
+    p.add_argument(
+        "--activation",
+        type=float,
+        default=1.0,
+        help="share of layer compute each token runs (Selective Activation, needs a calibrated model): "
+        "the least important layers are skipped, nodes left with nothing to run leave the route (default 1.0)",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="lossless: the --activation model drafts here and the whole route verifies several tokens per "
+        "pass (self-speculative, greedy only); the output is the whole model's",
+    )
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per verify pass (default 4)")
     p.add_argument("--tenant", default="default", help="who the job is queued for (fair share per tenant)")
     p.add_argument("--priority", type=int, default=5, help="job priority 0-9, higher first (default 5)")
     p.add_argument(
@@ -78,7 +93,7 @@ def add_generation_options(p: argparse.ArgumentParser, *, prompt_required: bool)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli import bench, demo, fragments, generate, servers, sim
+    from engine.cli import bench, calibrate, demo, fragments, generate, servers, sim
 
     parser = argparse.ArgumentParser(prog="kluster", description="Run open models across a grid of GPUs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -86,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(sub)
     servers.register(sub)
     fragments.register(sub)
+    calibrate.register(sub)
     bench.register(sub)
     sim.register(sub)
     return parser

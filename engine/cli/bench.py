@@ -8,6 +8,7 @@ targets instead, everything in one process run so the ratios compare like with l
   codec      fp16/bf16/int8 activations on the wire: bytes/token vs output (bench_codec.py)
   transport  our data channels vs stock aiortc: loopback and a lossy emulated WAN (bench_transport.py)
   wan        time per token over an emulated 40 ms / 1% loss WAN vs delay+compute (bench_wan.py)
+  sparsity   skipping layers / sub-blocks / FFN neurons: perplexity vs compute saved (bench_sparsity.py)
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def register(sub: Any) -> None:
     from engine.cli import bench_wan
 
     bench_wan.register(bsub)
+
+    from engine.cli import bench_sparsity
+
+    bench_sparsity.register(bsub)
 
 
 async def _decode_stats(pipeline: Any, prompt_ids: list[int], tokens: int) -> dict[str, Any]:

@@ -17,6 +17,12 @@ def register(sub: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")
     p.add_argument("--model-id", default=None, help="id to publish the model under (default: derived)")
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="calibration.json whose layer importance the manifests carry (default: the model folder's, if any)",
+    )
     p.set_defaults(handler=run_pack)
 
     v = fsub.add_parser("verify", help="check a fragment directory (or a whole pack) against its manifests")
@@ -29,12 +35,19 @@ def run_pack(args: argparse.Namespace) -> int:
     from engine.models.resolve import resolve_model
 
     model_id, folder = resolve_model(args.model)
-    manifests = pack_model(folder, args.out, args.fragments, model_id=args.model_id or model_id, dtype=args.dtype)
+    manifests = pack_model(
+        folder,
+        args.out,
+        args.fragments,
+        model_id=args.model_id or model_id,
+        dtype=args.dtype,
+        calibration=args.calibration,
+    )
     for m in manifests:
         parts = (" embeddings" if m.embed else "") + (" head" if m.head else "")
         print(
             f"{m.name}: layers {m.start}-{m.end - 1}{parts}, {m.bytes / 1e6:.1f} MB, "
-            f"{m.flops_per_token / 1e6:.1f} MFLOP/token",
+            f"{m.flops_per_token / 1e6:.1f} MFLOP/token" + (", importance" if m.importance is not None else ""),
             file=sys.stdout,
         )
     return 0

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, TextIO
 
 from engine import aio, paths
 from engine.client.generation import GenerationRequest, Pipeline, generate_events
 from engine.errors import ConfigError
+from engine.models.config import ModelConfig
 from engine.models.sampling import SamplingParams
 from engine.models.tokenizer import ModelTokenizer
 
@@ -59,6 +61,21 @@ def _print_summary(done: dict[str, Any], names: dict[str, str], out: TextIO) -> 
     for hop in s["hops"]:
         name = names.get(hop["peer"], hop["peer"])
         print(f"  {name:<12} compute {hop['compute_ms']:7.2f} ms/token   queue {hop['queue_ms']:6.2f} ms", file=out)
+    budget = s.get("activation")
+    if budget:
+        hops = f", {budget['hops']} hops" if "hops" in budget else ""
+        print(
+            f"  activation {budget['activation']:.2f} (asked {budget['requested']:g}): "
+            f"{budget['layers_run']} of {budget['layers']} layers run{hops}, skipped {budget['skip']}",
+            file=out,
+        )
+    spec = s.get("speculative")
+    if spec:
+        print(
+            f"  verified drafts: {spec['draft_tokens']} per pass with layers {spec['skipped_layers']} skipped, "
+            f"acceptance {spec['acceptance_rate']}, {spec['passes_per_token']} full passes per token",
+            file=out,
+        )
 
 
 async def stream(
@@ -130,21 +147,47 @@ async def run_remote(args: argparse.Namespace, coordinator: str, *, out: TextIO 
         return done
 
 
+def check_activation(args: argparse.Namespace) -> None:
+    """One-line errors for a budget that cannot work, before anything is loaded or sent."""
+    if not 0.0 < args.activation <= 1.0:
+        raise ConfigError(f"--activation must be in (0, 1], got {args.activation:g}")
+    if args.verify:
+        if args.activation >= 1.0:
+            raise ConfigError("--verify drafts with a reduced model: give --activation below 1, e.g. 0.8")
+        if args.temperature > 0:
+            raise ConfigError("--verify supports greedy decoding only (temperature 0) for now")
+        if not 1 <= args.draft_tokens <= 32:
+            raise ConfigError(f"--draft-tokens must be between 1 and 32, got {args.draft_tokens}")
+
+
 async def _generate_remote(args: argparse.Namespace, coordinator: str, *, out: TextIO | None) -> dict[str, Any]:
     from engine.client.remote import RemotePipeline
+    from engine.client.speculative import SpeculativePipeline
 
-    pipeline = RemotePipeline(coordinator, args.model, route_wait_s=args.route_wait, codec=args.codec)
+    check_activation(args)
+    activation = 1.0 if args.verify else args.activation  # verification runs the whole model
+    pipeline = RemotePipeline(
+        coordinator, args.model, route_wait_s=args.route_wait, codec=args.codec, activation=activation
+    )
+    spec: SpeculativePipeline | None = None
     try:
         await pipeline.start()
         folder = await pipeline.fetch_tokenizer(paths.cache_dir())
         tokenizer = ModelTokenizer(folder)
         request = request_from_args(args, tokenizer)
+        if args.verify:
+            budget = await pipeline.budget_for(args.activation)
+            model = await pipeline.fetch_model(paths.cache_dir())
+            spec = SpeculativePipeline(pipeline, model, frozenset(budget["skip"]), args.draft_tokens, budget=budget)
         route = pipeline.route_event()
         if not args.json:
             print(route_text(route), file=sys.stderr)
         names = {h.peer_id: h.name for h in pipeline.route}
-        return await stream(pipeline, tokenizer, request, as_json=args.json, first_events=[route], names=names, out=out)
+        run: Pipeline = spec or pipeline
+        return await stream(run, tokenizer, request, as_json=args.json, first_events=[route], names=names, out=out)
     finally:
+        if spec is not None:
+            await spec.shutdown()
         await pipeline.shutdown()
 
 
@@ -152,20 +195,37 @@ async def run_local(args: argparse.Namespace, *, out: TextIO | None = None) -> d
     import torch
 
     from engine.client.local import LocalPipeline
+    from engine.client.speculative import SpeculativePipeline
     from engine.fragments import torch_thread
     from engine.models.loading import load_model
     from engine.models.resolve import resolve_model
 
+    check_activation(args)
     if args.threads:
         await torch_thread.run(torch.set_num_threads, args.threads)
     _, folder = resolve_model(args.model)
     tokenizer = ModelTokenizer(folder)
     request = request_from_args(args, tokenizer)
-    pipeline = LocalPipeline(await torch_thread.run(load_model, folder))
+    model = await torch_thread.run(load_model, folder)
+    budget = local_budget(folder, model.cfg, args.activation) if args.activation < 1.0 else None
+    skip = frozenset(budget["skip"]) if budget else frozenset()
+    pipeline = LocalPipeline(model, skip=frozenset() if args.verify else skip, budget=None if args.verify else budget)
+    run: Pipeline = pipeline
+    if args.verify:
+        run = SpeculativePipeline(pipeline, model, skip, args.draft_tokens, budget=budget)
     try:
-        return await stream(pipeline, tokenizer, request, as_json=args.json, out=out)
+        return await stream(run, tokenizer, request, as_json=args.json, out=out)
     finally:
         await pipeline.shutdown()
+
+
+def local_budget(folder: Path, cfg: ModelConfig, activation: float) -> dict[str, Any]:
+    """The activation plan from the model folder's own calibration (``kluster calibrate``)."""
+    from engine.scheduler import activation as plan
+    from engine.sparsity.importance import CALIBRATION_FILE, read_calibration
+
+    importance = read_calibration(folder / CALIBRATION_FILE).importance.layers
+    return plan.describe(plan.plan_layers(importance, cfg, activation), cfg, activation)
 
 
 def run(args: argparse.Namespace) -> int:

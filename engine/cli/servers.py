@@ -132,11 +132,15 @@ async def _until_signalled() -> None:
 def default_pack(fragments: int = 3) -> Path:
     """The embedded default model packed into ``fragments`` fragments (packed once, then reused)."""
     from engine.fragments.pack import PACK_INDEX, pack_model
+    from engine.fragments.store import read_pack
     from engine.models.default_model import DEFAULT_MODEL_ID, ensure_default_model
+    from engine.sparsity.importance import CALIBRATION_FILE
 
     folder = ensure_default_model()
     out = paths.data_dir() / "packs" / f"{DEFAULT_MODEL_ID}-{fragments}"
-    if not (out / PACK_INDEX).is_file():
+    calibrated = (folder / CALIBRATION_FILE).is_file()
+    # A pack made before the model was calibrated lacks the importance --activation plans from.
+    if not (out / PACK_INDEX).is_file() or (calibrated and read_pack(out).manifests[0].importance is None):
         pack_model(folder, out, fragments, model_id=DEFAULT_MODEL_ID)
     return out
 

@@ -26,6 +26,8 @@ class StepResult:
     wall_ms: float
     #: events that happened during the step (e.g. ``failover``), yielded before its token
     events: tuple[dict[str, Any], ...] = ()
+    #: verify steps: the greedy token after each position fed (``token_id`` is the last)
+    tokens: tuple[int, ...] = ()
 
 
 class Pipeline(Protocol):
@@ -122,5 +124,7 @@ async def generate_events(
             "total_s": round(time.perf_counter() - started, 3),
             "network_ms_per_token": round(network_ms / decode_steps, 3) if decode_steps else None,
             "hops": _hop_summary(decode_timings),
+            # what the pipeline adds: the activation budget used, a draft's acceptance, ...
+            **(summary() if callable(summary := getattr(pipeline, "summary", None)) else {}),
         },
     }

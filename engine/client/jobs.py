@@ -108,9 +108,7 @@ class JobTicket:
             path = f"/v1/jobs/{self.id}/wait?state=queued&timeout={POLL_S:g}"
             self.job = await _call(self._session, "GET", self.base, path)
         if self.job.get("state") != "running":
-            raise SessionError(
-                f"job {self.id} {self.job.get('state')}: {self.job.get('error') or 'it did not start'}"
-            )
+            raise SessionError(f"job {self.id} {self.job.get('state')}: {self.job.get('error') or 'it did not start'}")
         self._lease = asyncio.create_task(self._keep_lease(), name=f"lease-{self.id}")
 
     async def _keep_lease(self) -> None:

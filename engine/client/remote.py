@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import torch
 
 from engine.client.generation import StepResult
@@ -33,6 +34,7 @@ from engine.errors import (
     TransportError,
     error_for_code,
 )
+from engine.models.llama import FragmentModel
 from engine.models.sampling import SamplingParams
 from engine.protocol import frames
 from engine.protocol import messages as wire
@@ -73,6 +75,21 @@ class _SessionState:
     chunks: list[int] = field(default_factory=list)
 
 
+def _rewind(state: _SessionState, pos: int) -> None:
+    """Forget what was sent from ``pos`` on (rejected drafts): a replay must not carry them."""
+    del state.history[pos:]
+    kept, total = [], 0
+    for size in state.chunks:
+        if total + size >= pos:
+            if pos > total:
+                kept.append(pos - total)
+            break
+        kept.append(size)
+        total += size
+    state.chunks = kept
+    state.next_pos = pos
+
+
 #: A failed node is avoided this long, or until the coordinator says it is ready again. Not for
 #: ever: the failure may have been ours (our own network dropped), and a node that is truly gone
 #: is not offered by the coordinator anyway.
@@ -96,11 +113,20 @@ class RemotePipeline:
         max_failovers: int = 3,
         route_wait_s: float = 60.0,
         codec: str = "fp32",
+        activation: float = 1.0,
     ) -> None:
         if codec not in CODECS:
             raise ConfigError(f"unknown activation codec {codec!r} (known: {', '.join(CODECS)})")
         #: how hidden states travel between the route's hops (fp32 exact; int8 ~3.6x smaller)
         self.codec = codec
+        if not 0.0 < activation <= 1.0:
+            raise ConfigError(f"activation must be in (0, 1], got {activation:g}")
+        #: the share of layer compute each request runs (Selective Activation); the coordinator
+        #: turns it into layers to skip and leaves out hops whose layers are all skipped
+        self.activation = activation
+        #: absolute layers skipped on the current route, and the coordinator's account of the budget
+        self.skip: tuple[int, ...] = ()
+        self.budget: dict[str, Any] | None = None
         self.model_id = model_id
         #: route replacements tried for one step before its error reaches the caller
         self.max_failovers = max_failovers
@@ -167,13 +193,19 @@ class RemotePipeline:
 
     async def _fetch_route(self) -> list[RouteHop]:
         params = {"model": self.model_id}
+        if self.activation < 1.0:
+            params["activation"] = f"{self.activation:g}"
         now = time.monotonic()
         excluded = sorted(p for p, until in self._excluded.items() if until > now)
         if excluded:
             params["exclude"] = ",".join(excluded)
         body = await self.signaling.http_json("/v1/route", params)
         try:
-            return [RouteHop(str(h["peer_id"]), str(h["name"]), int(h["start"]), int(h["end"])) for h in body["route"]]
+            route = [RouteHop(str(h["peer_id"]), str(h["name"]), int(h["start"]), int(h["end"])) for h in body["route"]]
+            budget = body.get("budget")
+            self.skip = tuple(int(i) for i in budget["skip"]) if isinstance(budget, dict) else ()
+            self.budget = budget if isinstance(budget, dict) else None
+            return route
         except (KeyError, TypeError, ValueError):
             raise CoordinatorError("coordinator sent a malformed route") from None
 
@@ -224,6 +256,46 @@ class RemotePipeline:
             target.write_bytes(data)
         return folder
 
+    def summary(self) -> dict[str, Any]:
+        """The activation budget this pipeline's route runs under, for the ``done`` event."""
+        if self.budget is None:
+            return {}
+        return {"activation": {**self.budget, "hops": len(self.route)}}
+
+    async def budget_for(self, activation: float) -> dict[str, Any]:
+        """The coordinator's plan for ``activation`` (layers to skip), without changing our own route."""
+        body = await self.signaling.http_json("/v1/route", {"model": self.model_id, "activation": f"{activation:g}"})
+        budget = body.get("budget")
+        if not isinstance(budget, dict) or not isinstance(budget.get("skip"), list):
+            raise CoordinatorError("coordinator sent no activation plan")
+        return budget
+
+    async def fetch_model(self, cache_dir: Path) -> FragmentModel:
+        """The whole model, fetched fragment by fragment from the coordinator (hash-checked, cached).
+
+        A self-speculative draft runs here, so its drafted tokens cost no WAN hop.
+        """
+        from engine.fragments.manifest import parse_manifest
+        from engine.fragments.store import load_span
+        from engine.node.fetch import fetch_fragment
+
+        models = await self.signaling.http_json("/v1/models")
+        entry = next((m for m in models.get("models", []) if m.get("model_id") == self.model_id), None)
+        if entry is None:
+            raise CoordinatorError(f"coordinator does not list model '{self.model_id}'")
+        folders = []
+        timeout = aiohttp.ClientTimeout(total=3600, sock_connect=10)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            for frag in entry.get("fragments", []):
+                base = f"{self.signaling.coordinator}/v1/models/{self.model_id}/fragments/{frag['name']}/"
+                async with http.get(base + "manifest.json") as resp:
+                    if resp.status != 200:
+                        raise CoordinatorError(f"fetching {base}manifest.json failed: HTTP {resp.status}")
+                    manifest = parse_manifest(await resp.json(content_type=None))
+                folders.append(await fetch_fragment(http, base, manifest, cache_dir))
+        _, model = await asyncio.to_thread(load_span, folders)
+        return model
+
     def _hops(self) -> tuple[wire.Hop, ...]:
         return tuple(wire.Hop(h.peer_id, h.start, h.end) for h in self.route)
 
@@ -262,16 +334,24 @@ class RemotePipeline:
         max_tokens: int,
         sampling: SamplingParams,
         stop_ids: frozenset[int] = frozenset(),
+        *,
+        verify: bool = False,
     ) -> StepResult:
         """Next token for ``session``; in ring mode most steps only wait for what the route already computes.
 
         If a node of the route fails (error reply, lost link, or the coordinator reporting it gone),
         the route is replaced and the session's exact step sequence is replayed on the new one in a
         single message, so the output continues as if nothing happened.
+
+        ``verify``: a self-speculative check (greedy): ``pos`` may lie before the positions sent so
+        far (the caller rejected drafted tokens; the route drops them), and the result's
+        ``tokens`` holds the greedy token after every position of ``tokens``.
         """
         if self.peers is None or not self.route:
             raise CoordinatorError("pipeline not started")
         state = self._sessions.setdefault(session, _SessionState(wire_id=session))
+        if verify and pos < state.next_pos:
+            _rewind(state, pos)
         events: list[dict[str, Any]] = []
         continuing = state.ring_left > 0 and state.next_pos == pos and tokens == [state.last_token]
         t0 = state.last_arrival if continuing else time.perf_counter()
@@ -279,7 +359,15 @@ class RemotePipeline:
         for attempt in range(self.max_failovers + 1):
             try:
                 token, arrival = await self._run_step(
-                    state, pos, tokens, max_tokens, sampling, stop_ids, send=not continuing or replay, replay=replay
+                    state,
+                    pos,
+                    tokens,
+                    max_tokens,
+                    sampling,
+                    stop_ids,
+                    send=not continuing or replay,
+                    replay=replay,
+                    verify=verify,
                 )
                 break
             except _FAILOVER_ERRORS as exc:
@@ -298,7 +386,7 @@ class RemotePipeline:
         state.last_token = token.token_id
         state.last_arrival = arrival
         state.ring_left = 0 if token.token_id in stop_ids else state.ring_left - 1
-        return StepResult(token.token_id, token.timings, (arrival - t0) * 1000, tuple(events))
+        return StepResult(token.token_id, token.timings, (arrival - t0) * 1000, tuple(events), token.tokens)
 
     async def _run_step(
         self,
@@ -311,13 +399,14 @@ class RemotePipeline:
         *,
         send: bool,
         replay: bool,
+        verify: bool = False,
     ) -> tuple[wire.Token, float]:
         """Send this step (or its replay) if needed, then wait for its token."""
         if self.peers is None:
             raise CoordinatorError("pipeline not started")
         key = (state.wire_id, state.next_step)
         if send:
-            ring = max(0, max_tokens - (pos + len(tokens)) - 1) if self.ring else 0
+            ring = max(0, max_tokens - (pos + len(tokens)) - 1) if self.ring and not verify else 0
             feed, start, chunks = (
                 (state.history + tokens, 0, (*state.chunks, len(tokens))) if replay else (tokens, pos, ())
             )
@@ -336,6 +425,8 @@ class RemotePipeline:
                 tuple(sorted(stop_ids)),
                 chunks,
                 self.codec,
+                skip=self.skip,
+                verify=verify,
             )
             state.ring_left = ring + 1
         arrived = self._arrived.pop(key, None)

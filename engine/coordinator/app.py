@@ -61,8 +61,9 @@ from engine.errors import ConfigError, FragmentError, IdentityError, KlusterErro
 from engine.fragments.manifest import CONFIG, WEIGHTS
 from engine.fragments.pack import TOKENIZER_FILES
 from engine.fragments.store import Pack, read_pack
-from engine.models.config import parse_config
+from engine.models.config import ModelConfig, parse_config
 from engine.protocol import frames
+from engine.scheduler import activation as activation_plan
 from engine.scheduler.placement import HostView, PackLayout, Span, measured_layers_per_s, pack_layout, route_layers
 from engine.transport.identity import check_hello, peer_id_for
 from engine.transport.signaling import (
@@ -181,6 +182,7 @@ class Coordinator:
         self.packs: dict[str, Pack] = {}
         #: per model: what a node benchmarks before placement (config.json as sent, dtype)
         self._bench: dict[str, tuple[dict[str, Any], str]] = {}
+        self._configs: dict[str, ModelConfig] = {}
         layouts: dict[str, PackLayout] = {}
         for root in config.packs:
             pack = read_pack(root)
@@ -188,6 +190,7 @@ class Coordinator:
             raw = _read_config(pack)
             layouts[pack.model_id] = pack_layout(pack.model_id, pack.manifests, parse_config(raw))
             self._bench[pack.model_id] = (raw, pack.manifests[0].dtype)
+            self._configs[pack.model_id] = parse_config(raw)
         self.layouts = layouts
         self.placer = Placer(layouts, min_replicas=config.min_replicas, min_gain=config.min_gain)
         #: node -> live sessions it last reported (routing load)
@@ -329,19 +332,44 @@ class Coordinator:
             return _error(404, f"model '{model_id}' is not served here (served: {served})", "model_not_found")
         excluded = frozenset(p for p in request.query.get("exclude", "").split(",") if p)
         try:
+            budget = self._budget(model_id, request.query.get("activation"))
             route = self._plan_route(model_id, excluded)
+        except ConfigError as exc:
+            return _error(400, exc)
         except NoRouteError as exc:
             return _error(503, exc)
         layout = self.layouts[model_id]
-        return web.json_response(
-            {
-                "model_id": model_id,
-                "route": [
-                    {"peer_id": n.peer_id, "name": n.name, "index": layout.unit_of(start), "start": start, "end": end}
-                    for n, start, end in route
-                ],
-            }
-        )
+        skip = frozenset(budget["skip"]) if budget else frozenset()
+        body: dict[str, Any] = {
+            "model_id": model_id,
+            "route": [
+                {"peer_id": n.peer_id, "name": n.name, "index": layout.unit_of(start), "start": start, "end": end}
+                for n, start, end in route
+                if activation_plan.runs_any(skip, start, end)  # a hop whose layers are all skipped drops out
+            ],
+        }
+        if budget:
+            body["budget"] = {**budget, "hops": len(body["route"]), "full_hops": len(route)}
+        return web.json_response(body)
+
+    def _budget(self, model_id: str, raw: str | None) -> dict[str, Any] | None:
+        """The layers a request's activation budget skips (None: the whole model runs)."""
+        if raw is None:
+            return None
+        try:
+            budget = float(raw)
+        except ValueError:
+            raise ConfigError(f"activation must be a number in (0, 1], got {raw!r}") from None
+        if budget == 1.0:
+            return None
+        importance = activation_plan.pack_importance(self.packs[model_id].manifests)
+        if importance is None:
+            raise ConfigError(
+                f"model '{model_id}' is not calibrated, so no layers can be chosen to skip "
+                "(run 'kluster calibrate MODEL --text FILE', then pack it again)"
+            )
+        cfg = self._configs[model_id]
+        return activation_plan.describe(activation_plan.plan_layers(importance, cfg, budget), cfg, budget)
 
     def _pack_for(self, request: web.Request) -> Pack:
         pack = self.packs.get(request.match_info["model"])

@@ -38,6 +38,8 @@ class _Session:
     reserved: int
     #: absolute layer this session's route enters the fragment at (fixed for the session's life)
     first: int
+    #: absolute layers this session's activation budget skips (fixed for the session's life)
+    skip: frozenset[int] = frozenset()
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -49,6 +51,8 @@ class StepOutput:
     token_id: int | None
     queue_ms: float
     compute_ms: float
+    #: verify steps: the greedy token after each position of the step (``token_id`` is the last)
+    tokens: tuple[int, ...] = ()
 
 
 class FragmentExecutor:
@@ -76,7 +80,7 @@ class FragmentExecutor:
             log.info("dropping idle session %s", sid)
             del self._sessions[sid]
 
-    def _open(self, session: str, max_tokens: int, first: int) -> _Session:
+    def _open(self, session: str, max_tokens: int, first: int, skip: frozenset[int] = frozenset()) -> _Session:
         cfg = self.model.cfg
         if max_tokens > min(self.config.max_context, cfg.max_position_embeddings):
             raise SessionError(
@@ -93,7 +97,7 @@ class FragmentExecutor:
                 f"node is full: {self.sessions} sessions hold {self.reserved_bytes / 2**20:.1f} MiB of its "
                 f"{self.config.kv_budget_bytes / 2**20:.1f} MiB KV budget; this session needs {need / 2**20:.1f} MiB"
             )
-        state = _Session(self.model.new_cache(max_tokens), need, first)
+        state = _Session(self.model.new_cache(max_tokens), need, first, skip)
         self._sessions[session] = state
         return state
 
@@ -126,8 +130,16 @@ class FragmentExecutor:
         queued: float | None = None,
         chunks: tuple[int, ...] = (),
         first: int | None = None,
+        skip: frozenset[int] = frozenset(),
+        verify: bool = False,
     ) -> StepOutput:
         """Run positions ``pos..pos+T`` of ``session``; a new session must start at position 0.
+
+        ``skip`` names absolute layers the session's activation budget leaves out (the residual
+        stream passes them unchanged; fixed per session, so the KV cache stays consistent).
+        ``verify`` is a self-speculative check: the step may restart at an earlier position than
+        the cache holds (the client rejected drafted tokens: their keys and values are dropped),
+        and the last hop returns the greedy token after every position, not just the last.
 
         ``first`` is the absolute layer the session's route enters this fragment at (default its
         start): routes may join a node's span part-way, and then only layers ``first..end`` run.
@@ -151,9 +163,13 @@ class FragmentExecutor:
                 raise SessionLostError(f"unknown session {session} (expired, or this node restarted)")
             if self.draining:
                 raise SessionLostError("node is draining: it takes no new sessions")
-            state = self._open(session, max_tokens, begin)
+            state = self._open(session, max_tokens, begin, skip)
         if begin != state.first:
             raise ProtocolError(f"session {session} entered at layer {state.first}, this step at layer {begin}")
+        if skip != state.skip:
+            raise ProtocolError(f"session {session} changed its skipped layers mid-session")
+        if verify and pos < state.cache.length:
+            state.cache.truncate(pos)
         if pos != state.cache.length:
             raise SessionError(f"session {session}: got position {pos}, expected {state.cache.length}")
         sizes = chunks or (x.shape[1],)
@@ -162,16 +178,21 @@ class FragmentExecutor:
         state.last_used = time.monotonic()
         outs, start = [], 0
         for size in sizes:
-            outs.append(self.model(x[:, start : start + size], pos + start, state.cache, first=begin))
+            part = x[:, start : start + size]
+            outs.append(self.model(part, pos + start, state.cache, first=begin, skip=skip, all_logits=verify))
             start += size
         out = outs[0] if len(outs) == 1 else outs[-1] if self.model.has_head else torch.cat(outs, dim=1)
-        token = None
+        token, tokens = None, ()
         hidden: torch.Tensor | None = out[0]
         if self.model.has_head:
-            token = sample(out[0, -1], sampling or SamplingParams(), pos + x.shape[1])
+            if verify:  # greedy only: the client compares its draft with these
+                tokens = tuple(int(t) for t in out[0].argmax(dim=-1))
+                token = tokens[-1]
+            else:
+                token = sample(out[0, -1], sampling or SamplingParams(), pos + x.shape[1])
             hidden = None
         queue_ms = (t0 - queued) * 1000 if queued is not None else 0.0
-        return StepOutput(hidden, token, queue_ms, (time.perf_counter() - t0) * 1000)
+        return StepOutput(hidden, token, queue_ms, (time.perf_counter() - t0) * 1000, tokens)
 
     async def step(
         self,
@@ -182,10 +203,12 @@ class FragmentExecutor:
         sampling: SamplingParams | None = None,
         chunks: tuple[int, ...] = (),
         first: int | None = None,
+        skip: frozenset[int] = frozenset(),
+        verify: bool = False,
     ) -> StepOutput:
         """``step_sync`` on the torch thread, awaited from the event loop."""
         return await torch_thread.run(
-            self.step_sync, session, pos, tensor, max_tokens, sampling, time.perf_counter(), chunks, first
+            self.step_sync, session, pos, tensor, max_tokens, sampling, time.perf_counter(), chunks, first, skip, verify
         )
 
     def warm_up(self, tokens: int = 8, steps: int = 3) -> None:

@@ -3,6 +3,11 @@
 A fragment directory holds ``manifest.json``, ``config.json`` (the whole model's architecture)
 and ``weights.safetensors`` (only this fragment's tensors). The manifest records each file's size
 and sha256, so a node can refuse a corrupt or substituted fragment before loading a byte of it.
+
+``importance`` (optional, written when the model was calibrated with ``kluster calibrate``) is the
+block influence of each layer the fragment holds, so a planner can choose layers to skip from
+manifests alone. Manifests without it, from before calibration existed, load unchanged; the
+field is left out of the JSON when absent, so those manifests also round-trip byte for byte.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import FragmentError
+from engine.sparsity.importance import Importance, parse_importance
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -45,13 +51,19 @@ class Manifest:
     #: forward FLOPs per token for this fragment's layers (and head, when held)
     flops_per_token: int
     files: dict[str, FileEntry]
+    #: per-layer importance of layers ``start..end`` (``kluster calibrate``); None when not calibrated
+    importance: Importance | None = None
 
     @property
     def name(self) -> str:
         return f"frag-{self.index:02d}-of-{self.count:02d}"
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("importance")
+        if self.importance is not None:
+            out["importance"] = self.importance.to_json()
+        return out
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -74,19 +86,22 @@ def parse_manifest(raw: Any) -> Manifest:
         raise FragmentError("manifest is not a JSON object")
     try:
         files = {str(name): FileEntry(int(e["bytes"]), str(e["sha256"])) for name, e in dict(raw["files"]).items()}
+        start, end = int(raw["start"]), int(raw["end"])
+        importance = raw.get("importance")
         m = Manifest(
             format=int(raw["format"]),
             model_id=str(raw["model_id"]),
             index=int(raw["index"]),
             count=int(raw["count"]),
-            start=int(raw["start"]),
-            end=int(raw["end"]),
+            start=start,
+            end=end,
             embed=_flag(raw["embed"]),
             head=_flag(raw["head"]),
             dtype=str(raw["dtype"]),
             bytes=int(raw["bytes"]),
             flops_per_token=int(raw["flops_per_token"]),
             files=files,
+            importance=None if importance is None else parse_importance(importance, start, end),
         )
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise FragmentError(f"manifest is malformed: {exc!r}") from None

@@ -7,12 +7,16 @@ Layout written under ``out``::
     frag-00-of-03/             manifest.json, config.json, weights.safetensors (layers 0-9 + embeddings)
     ...
 
+When the model folder holds a ``calibration.json`` (``kluster calibrate``), or one is passed, each
+manifest also carries the importance of the layers its fragment holds.
+
 Each fragment is written to a temporary directory and renamed into place, so an interrupted pack
 never leaves a fragment that looks complete.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -37,6 +41,7 @@ from engine.fragments.manifest import (
 from engine.models.config import ModelConfig, load_config
 from engine.models.llama import hf_tensor_names
 from engine.models.loading import read_tensors
+from engine.sparsity.importance import CALIBRATION_FILE, Importance, read_calibration
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,7 @@ def _write_fragment(
     count: int,
     layers: tuple[int, int],
     dtype: str,
+    importance: Importance | None = None,
 ) -> Manifest:
     start, end = layers
     embed, head = index == 0, index == count - 1
@@ -106,6 +112,7 @@ def _write_fragment(
             bytes=sum(e.bytes for e in files.values()),
             flops_per_token=fragment_flops(cfg, start, end, head),
             files=files,
+            importance=importance.span(start, end) if importance is not None else None,
         )
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2), encoding="utf-8")
         if final.exists():
@@ -117,13 +124,44 @@ def _write_fragment(
     return manifest
 
 
+def model_importance(model_dir: Path, cfg: ModelConfig, calibration: Path | None = None) -> Importance | None:
+    """The calibration of the model in ``model_dir``: ``calibration`` if given, else its ``calibration.json`` if any.
+
+    A calibration made for another architecture (layer count or config.json differ) is refused
+    rather than silently attached to the wrong layers.
+    """
+    path = calibration if calibration is not None else model_dir / CALIBRATION_FILE
+    if calibration is None and not path.is_file():
+        return None
+    cal = read_calibration(path)
+    config_sha = hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()
+    if cal.num_layers != cfg.num_hidden_layers or cal.config_sha256 != config_sha:
+        raise ConfigError(
+            f"calibration {path} was made for another model ({cal.model_id}, {cal.num_layers} layers); "
+            "run 'kluster calibrate' again"
+        )
+    return cal.importance
+
+
 def pack_model(
-    model_dir: Path, out: Path, count: int, *, model_id: str, dtype: str = "float32", progress: bool = True
+    model_dir: Path,
+    out: Path,
+    count: int,
+    *,
+    model_id: str,
+    dtype: str = "float32",
+    progress: bool = True,
+    calibration: Path | None = None,
 ) -> list[Manifest]:
-    """Write ``count`` fragments of the model in ``model_dir`` under ``out``; return their manifests."""
+    """Write ``count`` fragments of the model in ``model_dir`` under ``out``; return their manifests.
+
+    ``calibration``: a ``calibration.json`` to take layer importance from (default: the model
+    folder's own, when it has one).
+    """
     if dtype not in _DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r} (choose from {', '.join(_DTYPES)})")
     cfg = load_config(model_dir)
+    importance = model_importance(model_dir, cfg, calibration)
     ranges = split_layers(cfg.num_hidden_layers, count)
     out.mkdir(parents=True, exist_ok=True)
     tok_dir = out / TOKENIZER_DIR
@@ -138,7 +176,7 @@ def pack_model(
     if progress:
         bar = tqdm(bar, desc=f"packing {model_id}", unit="fragment")
     for i in bar:
-        manifests.append(_write_fragment(model_dir, out, cfg, model_id, i, count, ranges[i], dtype))
+        manifests.append(_write_fragment(model_dir, out, cfg, model_id, i, count, ranges[i], dtype, importance))
     index = {
         "format": FORMAT_VERSION,
         "model_id": model_id,

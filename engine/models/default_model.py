@@ -12,6 +12,7 @@ the ``llm`` CLI library, which Kluster neither needs nor installs (hence ``pip i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import logging
@@ -94,6 +95,7 @@ def ensure_default_model(data_dir: Path | None = None, *, progress: bool = True)
     wanted = _source_record(gguf_path)
 
     if _marker_matches(target, wanted):
+        _install_calibration(target)
         return target
 
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -107,7 +109,30 @@ def ensure_default_model(data_dir: Path | None = None, *, progress: bool = True)
         convert_gguf_to_hf(gguf_path, target, progress=progress)
         _write_marker(target, wanted)
         logger.info("default model ready in %.1f s: %s", time.monotonic() - started, target)
+    _install_calibration(target)
     return target
+
+
+#: ``kluster calibrate smollm2-135m`` on the first 4096 tokens of Pride and Prejudice (block
+#: influence, drop-one losses on 512 tokens): shipped so ``--activation`` works out of the box
+SHIPPED_CALIBRATION = Path(__file__).with_name("data") / f"{DEFAULT_MODEL_ID}.calibration.json"
+
+
+def _install_calibration(target: Path) -> None:
+    """Put the shipped calibration beside the converted model, unless one is there (a user's own wins)."""
+    from engine.sparsity.importance import CALIBRATION_FILE
+
+    dest = target / CALIBRATION_FILE
+    if dest.exists() or not SHIPPED_CALIBRATION.is_file():
+        return
+    raw = SHIPPED_CALIBRATION.read_bytes()
+    config_sha = hashlib.sha256((target / "config.json").read_bytes()).hexdigest()
+    if json.loads(raw).get("config_sha256") != config_sha:
+        logger.warning("the shipped calibration was made for another conversion of the model; not installed")
+        return
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.write_bytes(raw)
+    tmp.replace(dest)
 
 
 def _source_record(gguf_path: Path) -> dict[str, Any]:

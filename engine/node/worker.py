@@ -410,7 +410,16 @@ class Node:
             raise ProtocolError("route does not end at the fragment holding the LM head")
         sampling = SamplingParams(msg.sampling.temperature, msg.sampling.top_p, msg.sampling.seed)
         out = span.executor.step_sync(
-            msg.session, msg.pos, msg.tensor, msg.max_tokens, sampling, queued, msg.chunks, hop.start
+            msg.session,
+            msg.pos,
+            msg.tensor,
+            msg.max_tokens,
+            sampling,
+            queued,
+            msg.chunks,
+            hop.start,
+            frozenset(msg.skip),
+            msg.verify,
         )
         if self.config.throttle > 1.0:
             throttle_pause(out.compute_ms / 1000, self.config.throttle)
@@ -420,7 +429,8 @@ class Node:
             nxt = replace(msg, hop=msg.hop + 1, timings=timings, tensor=out.hidden)
             return [_Outgoing(msg.route[msg.hop + 1].peer, frames.prepare(nxt), msg.reply_to, msg.session, msg.step)]
         pos = msg.pos + msg.tensor.shape[0]
-        reply = _Outgoing(msg.reply_to, wire.encode(wire.Token(msg.session, msg.step, pos, out.token_id, timings)))
+        token = wire.Token(msg.session, msg.step, pos, out.token_id, timings, out.tokens)
+        reply = _Outgoing(msg.reply_to, wire.encode(token))
         if msg.ring <= 0 or out.token_id in msg.stop_ids or pos + 1 > msg.max_tokens:
             return [reply]
         # Ring mode: feed the token straight back to the first hop, then tell the client.

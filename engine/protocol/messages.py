@@ -85,6 +85,11 @@ class Forward:
     #: a full message announcing this id for later step frames on the same link
     #: (``engine.protocol.frames``); 0: none. A transport detail, never set by callers.
     ctx: int = 0
+    #: absolute layers the job's activation budget skips (Selective Activation); fixed per session
+    skip: tuple[int, ...] = ()
+    #: a self-speculative check: the step may rewind to an earlier position, and the last hop
+    #: answers with the greedy token after every position (``Token.tokens``)
+    verify: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,8 @@ class Token:
     pos: int
     token_id: int
     timings: tuple[HopTiming, ...] = ()
+    #: verify steps: the greedy token after each position of the step (``token_id`` is the last)
+    tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -232,6 +239,18 @@ def _stop_ids(v: Any) -> tuple[int, ...]:
     return tuple(_int(t, "stop_ids", 0, 2**31) for t in v)
 
 
+def _ids(v: Any, name: str, limit: int, hi: int) -> tuple[int, ...]:
+    if not isinstance(v, list) or len(v) > limit:
+        raise _fail(f"'{name}' must be a list of at most {limit} integers")
+    return tuple(_int(t, name, 0, hi) for t in v)
+
+
+def _bool(v: Any, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise _fail(f"'{name}' must be true or false")
+    return v
+
+
 def _chunks(v: Any) -> tuple[int, ...]:
     if not isinstance(v, list) or len(v) > 1_000_000:
         raise _fail("'chunks' must be a list of step sizes")
@@ -308,6 +327,8 @@ def decode_with_tensor(
                 chunks=_chunks(h.get("chunks", [])),
                 codec=_codec(h.get("codec", codec_mod.DEFAULT_CODEC)),
                 ctx=_int(h.get("ctx", 0), "ctx", 0, 2**62),
+                skip=_ids(h.get("skip", []), "skip", 4096, 1_000_000),
+                verify=_bool(h.get("verify", False), "verify"),
             )
             return msg, tensor_desc
         if tensor_desc is not None or len(payload):
@@ -319,6 +340,7 @@ def decode_with_tensor(
                 pos=_int(h["pos"], "pos"),
                 token_id=_int(h["token_id"], "token_id", 0, 2**31),
                 timings=_timings(h.get("timings", [])),
+                tokens=_ids(h.get("tokens", []), "tokens", 4096, 2**31),
             )
         elif kind is Close:
             route = _hops(h["route"])

@@ -388,3 +388,34 @@ async def test_lost_session_is_its_own_error(executor: FragmentExecutor) -> None
         await executor.step("long", 0, ids(*range(10)), 8)
     assert not isinstance(overrun.value, SessionLostError)
     assert isinstance(error_for_code("session_lost", "x"), SessionLostError)
+
+
+async def test_verify_step_returns_every_positions_greedy_token_and_rewinds(
+    executor: FragmentExecutor, whole: FragmentModel
+) -> None:
+    """A verify step: the greedy token after each position; a later one may restart before the cache's end."""
+    want = reference_greedy(whole, PROMPT_A, 4)
+    out = await executor.step("v", 0, ids(*PROMPT_A), 32, verify=True)
+    assert out.tokens[-1] == want[0] and len(out.tokens) == len(PROMPT_A)
+    wrong = (want[1] + 1) % VOCAB
+    out = await executor.step("v", len(PROMPT_A), ids(want[0], wrong, 7), 32, verify=True)
+    assert out.tokens[0] == want[1]  # after want[0]: the drafted `wrong` is rejected
+    # rewind over the rejected draft and the token after it: the cache forgets them
+    out = await executor.step("v", len(PROMPT_A) + 1, ids(want[1], want[2]), 32, verify=True)
+    assert list(out.tokens) == want[2:4]
+    with pytest.raises(SessionError, match="expected"):  # a plain step may not rewind
+        await executor.step("v", len(PROMPT_A), ids(want[0]), 32)
+
+
+async def test_skipped_layers_are_fixed_per_session(whole: FragmentModel) -> None:
+    ex = FragmentExecutor(whole)
+    try:
+        skipped = await ex.step("s", 0, ids(*PROMPT_A), 32, skip=frozenset({1}))
+        dense = await ex.step("d", 0, ids(*PROMPT_A), 32)
+        logits = whole(torch.tensor([PROMPT_A]), 0, skip=frozenset({1}))
+        assert skipped.token_id == int(logits[0, -1].argmax())
+        assert dense.token_id == reference_greedy(whole, PROMPT_A, 1)[0]
+        with pytest.raises(ProtocolError, match="skipped layers"):
+            await ex.step("s", len(PROMPT_A), ids(3), 32)
+    finally:
+        await ex.shutdown()

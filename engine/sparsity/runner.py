@@ -1,0 +1,139 @@
+"""Running a ``FragmentModel`` under a ``SkipPlan``: whole layers, sub-blocks and FFN neurons.
+
+Why here and not a flag on ``FragmentModel.forward``: that method skips whole layers already
+(``skip=``), but bypassing only a layer's attention or MLP, or keeping a subset of its FFN
+neurons, needs the two halves of ``DecoderLayer.forward`` separately. ``attention_update`` and
+``mlp_update`` are those halves, written against the layer's own modules; a test checks that
+together they reproduce ``DecoderLayer.forward`` and ``FragmentModel.forward`` exactly, so a
+change to the model code cannot silently desynchronise them. (The lasting fix is to give
+``DecoderLayer`` ``attend``/``feed_forward`` methods and let the model take a plan.)
+
+``observe`` hands each layer's residual stream before the layer, between its sub-blocks and
+after it to the caller: that is all calibration needs.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from engine.errors import SessionError
+from engine.models.kv_cache import KVCache
+from engine.models.llama import DecoderLayer, FragmentModel, _rotate_half, attention_mask
+from engine.sparsity.budget import SkipPlan
+
+#: (absolute layer, stream before the layer, after its attention, after its MLP)
+Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+#: each layer's down projection transposed (intermediate x hidden), so a decode step gathers the
+#: kept neurons' weights as contiguous rows instead of strided columns; dropped with the layer
+_DOWN_ROWS: weakref.WeakKeyDictionary[DecoderLayer, torch.Tensor] = weakref.WeakKeyDictionary()
+
+
+def _down_rows(layer: DecoderLayer) -> torch.Tensor:
+    rows = _DOWN_ROWS.get(layer)
+    if rows is None:
+        rows = _DOWN_ROWS[layer] = layer.down_proj.weight.t().contiguous()
+    return rows
+
+
+def attention_update(
+    layer: DecoderLayer,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache: KVCache | None,
+    slot: int,
+    start: int,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """What the layer's attention adds to the residual stream ``x`` (the first half of its forward)."""
+    cfg = layer.cfg
+    b, t, _ = x.shape
+    h = layer.input_layernorm(x)
+    qk, v = layer.qkv(h).split((layer.q_size + layer.kv_size, layer.kv_size), dim=-1)
+    qk = qk.view(b, t, cfg.num_attention_heads + cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+    qk = qk * cos + _rotate_half(qk) * sin
+    q, k = qk.split((cfg.num_attention_heads, cfg.num_key_value_heads), dim=1)
+    v = v.view(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+    if cache is not None:
+        k, v = cache.append(slot, start, k, v)
+    if mask is None and cfg.sliding_window is not None and t == 1 and k.shape[2] > cfg.sliding_window:
+        k, v = k[:, :, -cfg.sliding_window :], v[:, :, -cfg.sliding_window :]
+    attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=True)
+    return layer.o_proj(attn.transpose(1, 2).reshape(b, t, layer.q_size))
+
+
+def mlp_update(layer: DecoderLayer, x: torch.Tensor, keep: float = 1.0) -> torch.Tensor:
+    """What the layer's SwiGLU MLP adds to ``x``; ``keep < 1`` keeps that fraction of neurons per token.
+
+    Contextual sparsity as in CATS (Lee et al. 2024): each token keeps the intermediate neurons
+    with the largest ``|silu(gate)|`` and drops the rest, so the up and down projections would
+    only need the kept rows. A single token (decode) computes exactly that, gathering the rows;
+    a prefill masks, which gives the same values without a per-token gather.
+    """
+    h = layer.post_attention_layernorm(x)
+    if keep >= 1.0:
+        gate, up = layer.gate_up(h).chunk(2, dim=-1)
+        return layer.down_proj(F.silu(gate) * up)
+    width = layer.down_proj.in_features
+    kept = max(1, round(keep * width))
+    w_gate, w_up = layer.gate_up.weight.split(width)
+    b_gate, b_up = layer.gate_up.bias.split(width) if layer.gate_up.bias is not None else (None, None)
+    act = F.silu(F.linear(h, w_gate, b_gate))
+    idx = act.abs().topk(kept, dim=-1).indices
+    if h.shape[0] * h.shape[1] == 1:
+        rows = idx.view(-1)
+        up = F.linear(h, w_up[rows], b_up[rows] if b_up is not None else None)
+        out = (act[..., rows] * up) @ _down_rows(layer)[rows]
+        return out + layer.down_proj.bias if layer.down_proj.bias is not None else out
+    mask = torch.zeros_like(act).scatter_(-1, idx, 1.0)
+    up = F.linear(h, w_up, b_up)
+    return layer.down_proj(act * mask * up)
+
+
+@torch.inference_mode()
+def forward(
+    model: FragmentModel,
+    x: torch.Tensor,
+    start_pos: int,
+    cache: KVCache | None = None,
+    plan: SkipPlan = SkipPlan(),  # noqa: B008 - frozen, never mutated
+    *,
+    all_logits: bool = False,
+    observe: Observer | None = None,
+) -> torch.Tensor:
+    """``model(x, start_pos, cache, all_logits=...)`` with ``plan`` applied; see the module docstring."""
+    if model.embed_tokens is not None:
+        x = model.embed_tokens(x)
+    if len(model.layers):
+        x = x.to(model.layers[0].qkv.weight.dtype)
+    t = x.shape[1]
+    if cache is not None and cache.length != start_pos:
+        raise SessionError(f"position {start_pos} does not follow the cached {cache.length} positions")
+    if len(model.layers):
+        cos, sin = model.rotary(start_pos, t, x.dtype, x.device)
+        mask = attention_mask(start_pos, t, model.cfg.sliding_window, x.device)
+        for slot, layer in enumerate(model.layers):
+            index = model.start + slot
+            if index in plan.layers:
+                continue
+            before = x
+            if index not in plan.attention:
+                x = x + attention_update(layer, x, cos, sin, cache, slot, start_pos, mask)
+            middle = x
+            if index not in plan.mlp:
+                keep = plan.neuron_keep if index in plan.neuron_layers else 1.0
+                x = x + mlp_update(layer, x, keep)
+            if observe is not None:
+                observe(index, before, middle, x)
+    if cache is not None:
+        cache.length = start_pos + t
+    if model.norm is None or model.lm_head is None:
+        return x
+    if not all_logits:
+        x = x[:, -1:]
+    return model.lm_head(model.norm(x)).float()
