@@ -131,7 +131,7 @@ def lossless_lines(lossless: dict[str, Any] | None) -> list[str]:
     lines = [
         f"lossless (--activation {lossless['activation']:g} --verify --draft-tokens {lossless['draft_tokens']}, "
         f"draft skips layers {lossless['skipped_layers']}; {lossless['tokens']} greedy tokens per prompt):",
-        f"{'where':<26}{'identical':>10}{'passes/token':>14}{'acceptance':>12}{'dense s':>9}{'verified s':>12}"
+        f"{'where':<34}{'identical':>10}{'passes/token':>14}{'acceptance':>12}{'dense s':>9}{'verified s':>12}"
         f"{'speed-up':>10}",
     ]
     for where, r in (("loopback, 3 nodes", lossless.get("loopback")), ("WAN harness, 3 nodes", lossless.get("wan"))):
@@ -139,7 +139,7 @@ def lossless_lines(lossless: dict[str, Any] | None) -> list[str]:
             continue
         name = where if where.startswith("loopback") else f"{where}, {lossless['delay_ms']:g} ms/hop"
         lines.append(
-            f"{name:<26}{r['identical']:>7}/{r['prompts']:<2}{r['passes_per_token']:>14.3f}{r['acceptance_rate']:>12.3f}"
+            f"{name:<34}{r['identical']:>7}/{r['prompts']:<2}{r['passes_per_token']:>14.3f}{r['acceptance_rate']:>12.3f}"
             f"{r['dense_s']:>9.1f}{r['verified_s']:>12.1f}{r['speedup']:>9.3f}x"
         )
     lines.append(

@@ -125,6 +125,23 @@ class AttentionLayer(nn.Module):
         )
         return x + self.o_proj(attn.transpose(1, 2).reshape(b, t, self.q_size))
 
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        """The MLP's update for the normalised stream ``h`` (dense or experts: the subclass's)."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        layer_slot: int,
+        start: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        x = self.attend(x, cos, sin, cache, layer_slot, start, mask)
+        return x + self.feed_forward(self.post_attention_layernorm(x))
+
 
 class DecoderLayer(AttentionLayer):
     """Attention + SwiGLU MLP, with fused qkv and gate/up projections."""
@@ -134,20 +151,10 @@ class DecoderLayer(AttentionLayer):
         self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: KVCache | None,
-        layer_slot: int,
-        start: int,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        x = self.attend(x, cos, sin, cache, layer_slot, start, mask)
-        h = self.post_attention_layernorm(x)
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        """The SwiGLU MLP's update for the normalised stream ``h``."""
         gate, up = self.gate_up(h).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class MoEDecoderLayer(AttentionLayer):
@@ -157,18 +164,9 @@ class MoEDecoderLayer(AttentionLayer):
         super().__init__(cfg)
         self.moe = SparseMoeBlock(cfg, layer)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: KVCache | None,
-        layer_slot: int,
-        start: int,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        x = self.attend(x, cos, sin, cache, layer_slot, start, mask)
-        return x + self.moe(self.post_attention_layernorm(x))
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        """The experts' (and shared expert's) update for the normalised stream ``h``."""
+        return self.moe(h)
 
 
 def make_layer(cfg: ModelConfig, layer: int) -> DecoderLayer | MoEDecoderLayer:

@@ -2,11 +2,11 @@
 
 Why here and not a flag on ``FragmentModel.forward``: that method skips whole layers already
 (``skip=``), but bypassing only a layer's attention or MLP, or keeping a subset of its FFN
-neurons, needs the two halves of ``DecoderLayer.forward`` separately. ``attention_update`` and
-``mlp_update`` are those halves, written against the layer's own modules; a test checks that
-together they reproduce ``DecoderLayer.forward`` and ``FragmentModel.forward`` exactly, so a
-change to the model code cannot silently desynchronise them. (The lasting fix is to give
-``DecoderLayer`` ``attend``/``feed_forward`` methods and let the model take a plan.)
+neurons, needs the two halves of ``DecoderLayer.forward`` separately: the attention half is the
+layer's own ``attend``, and ``mlp_update`` is the MLP half (with optional neuron sparsity),
+written against the layer's own modules; a test checks that together they reproduce
+``DecoderLayer.forward`` and ``FragmentModel.forward`` exactly, so a change to the model code
+cannot silently desynchronise them.
 
 ``observe`` hands each layer's residual stream before the layer, between its sub-blocks and
 after it to the caller: that is all calibration needs.
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from engine.errors import SessionError
 from engine.models.kv_cache import KVCache
-from engine.models.llama import DecoderLayer, FragmentModel, _rotate_half, attention_mask
+from engine.models.llama import DecoderLayer, FragmentModel, attention_mask
 from engine.sparsity.budget import SkipPlan
 
 #: (absolute layer, stream before the layer, after its attention, after its MLP)
@@ -40,33 +40,6 @@ def _down_rows(layer: DecoderLayer) -> torch.Tensor:
     return rows
 
 
-def attention_update(
-    layer: DecoderLayer,
-    x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    cache: KVCache | None,
-    slot: int,
-    start: int,
-    mask: torch.Tensor | None,
-) -> torch.Tensor:
-    """What the layer's attention adds to the residual stream ``x`` (the first half of its forward)."""
-    cfg = layer.cfg
-    b, t, _ = x.shape
-    h = layer.input_layernorm(x)
-    qk, v = layer.qkv(h).split((layer.q_size + layer.kv_size, layer.kv_size), dim=-1)
-    qk = qk.view(b, t, cfg.num_attention_heads + cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
-    qk = qk * cos + _rotate_half(qk) * sin
-    q, k = qk.split((cfg.num_attention_heads, cfg.num_key_value_heads), dim=1)
-    v = v.view(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
-    if cache is not None:
-        k, v = cache.append(slot, start, k, v)
-    if mask is None and cfg.sliding_window is not None and t == 1 and k.shape[2] > cfg.sliding_window:
-        k, v = k[:, :, -cfg.sliding_window :], v[:, :, -cfg.sliding_window :]
-    attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=True)
-    return layer.o_proj(attn.transpose(1, 2).reshape(b, t, layer.q_size))
-
-
 def mlp_update(layer: DecoderLayer, x: torch.Tensor, keep: float = 1.0) -> torch.Tensor:
     """What the layer's SwiGLU MLP adds to ``x``; ``keep < 1`` keeps that fraction of neurons per token.
 
@@ -77,8 +50,7 @@ def mlp_update(layer: DecoderLayer, x: torch.Tensor, keep: float = 1.0) -> torch
     """
     h = layer.post_attention_layernorm(x)
     if keep >= 1.0:
-        gate, up = layer.gate_up(h).chunk(2, dim=-1)
-        return layer.down_proj(F.silu(gate) * up)
+        return layer.feed_forward(h)
     width = layer.down_proj.in_features
     kept = max(1, round(keep * width))
     w_gate, w_up = layer.gate_up.weight.split(width)
@@ -123,7 +95,7 @@ def forward(
                 continue
             before = x
             if index not in plan.attention:
-                x = x + attention_update(layer, x, cos, sin, cache, slot, start_pos, mask)
+                x = layer.attend(x, cos, sin, cache, slot, start_pos, mask)
             middle = x
             if index not in plan.mlp:
                 keep = plan.neuron_keep if index in plan.neuron_layers else 1.0
