@@ -35,8 +35,8 @@ from engine.fragments.executor import FragmentExecutor
 from engine.models.llama import FragmentModel
 from engine.models.sampling import SamplingParams
 
-#: drafted tokens per round: SmolLM2 with 6 of 30 layers skipped accepts ~80% of drafts
-DEFAULT_DRAFT_TOKENS = 4
+#: drafted tokens per round: under the WAN harness 2 beat 4 (1.08-1.10x vs 0.91x over dense; SmolLM2, 3 layers skipped)
+DEFAULT_DRAFT_TOKENS = 2
 
 
 class VerifyingPipeline(Protocol):
