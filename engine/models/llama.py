@@ -169,6 +169,13 @@ class MoEDecoderLayer(AttentionLayer):
         return self.moe(h)
 
 
+#: ``FragmentModel.forward(run_layer=...)``: (absolute index, layer, x, cos, sin, cache, slot, start, mask) -> x
+LayerRunner = Callable[
+    [int, "AttentionLayer", torch.Tensor, torch.Tensor, torch.Tensor, KVCache | None, int, int, torch.Tensor | None],
+    torch.Tensor,
+]
+
+
 def make_layer(cfg: ModelConfig, layer: int) -> DecoderLayer | MoEDecoderLayer:
     """The decoder layer at absolute index ``layer``: MoE where the config routes that layer's MLP."""
     return MoEDecoderLayer(cfg, layer) if cfg.is_moe_layer(layer) else DecoderLayer(cfg)
@@ -236,8 +243,13 @@ class FragmentModel(nn.Module):
         all_logits: bool = False,
         skip: frozenset[int] = frozenset(),
         first: int | None = None,
+        run_layer: LayerRunner | None = None,
     ) -> torch.Tensor:
         """Run the fragment at positions ``start_pos..start_pos+T``; ``skip`` names absolute layers to bypass.
+
+        ``run_layer`` replaces each layer's own forward (``engine.sparsity.runner`` skips
+        sub-blocks and neurons and observes the residual stream this way), called with the
+        layer's absolute index followed by the layer's forward arguments.
 
         ``first`` (an absolute layer, default the fragment's start) enters the fragment part-way: a
         route may join a node's span in the middle, and then the input is hidden states, so the
@@ -257,9 +269,13 @@ class FragmentModel(nn.Module):
             cos, sin = self.rotary(start_pos, t, x.dtype, x.device)
             mask = attention_mask(start_pos, t, self.cfg.sliding_window, x.device)
             for slot, layer in enumerate(self.layers):
-                if self.start + slot < begin or self.start + slot in skip:
+                index = self.start + slot
+                if index < begin or index in skip:
                     continue
-                x = layer(x, cos, sin, cache, slot, start_pos, mask)
+                if run_layer is None:
+                    x = layer(x, cos, sin, cache, slot, start_pos, mask)
+                else:
+                    x = run_layer(index, layer, x, cos, sin, cache, slot, start_pos, mask)
         if cache is not None:
             cache.length = start_pos + t
         if self.norm is None or self.lm_head is None:

@@ -14,6 +14,7 @@ costs its one-way delay, as on the internet.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import subprocess
@@ -41,8 +42,8 @@ def compare(dense: Sequence[dict[str, Any]], verified: Sequence[dict[str, Any]])
     identical = sum(d["token_ids"] == v["token_ids"] for d, v in zip(dense, verified, strict=True))
     rounds = sum(v["stats"]["speculative"]["rounds"] for v in verified)
     emitted = sum(len(v["token_ids"]) for v in verified)
-    drafted_accepted = [v["stats"]["speculative"] for v in verified]
-    rates = [s["acceptance_rate"] for s in drafted_accepted if s["acceptance_rate"] is not None]
+    figures = [v["stats"]["speculative"] for v in verified]
+    rates = [s["acceptance_rate"] for s in figures if s["acceptance_rate"] is not None]
     dense_s = sum(d["stats"]["total_s"] for d in dense)
     verified_s = sum(v["stats"]["total_s"] for v in verified)
     return {
@@ -55,8 +56,8 @@ def compare(dense: Sequence[dict[str, Any]], verified: Sequence[dict[str, Any]])
         "speedup": round(dense_s / verified_s, 3) if verified_s else None,
         "skipped_layers": verified[0]["stats"]["speculative"]["skipped_layers"] if verified else [],
         # where a verified round's time goes: drafting here, and the route's verification
-        "draft_ms_per_round": round(sum(s["draft_ms"] for s in drafted_accepted) / rounds, 1) if rounds else None,
-        "verify_ms_per_round": round(sum(s["verify_ms"] for s in drafted_accepted) / rounds, 1) if rounds else None,
+        "draft_ms_per_round": round(sum(s["draft_ms"] for s in figures) / rounds, 1) if rounds else None,
+        "verify_ms_per_round": round(sum(s["verify_ms"] for s in figures) / rounds, 1) if rounds else None,
         "dense_ms_per_token": round(
             sum(d["stats"]["total_s"] for d in dense) * 1000 / max(1, sum(len(d["token_ids"]) for d in dense)), 1
         ),
@@ -98,8 +99,6 @@ def loopback(
         cluster = LocalCluster(pack, 3, cache_dir=Path(tmp) / "cache", log_dir=Path(tmp) / "logs")
         cluster.start()
         try:
-            import asyncio
-
             asyncio.run(cluster.wait_for_route(_model_id(pack), timeout_s=300))
 
             def generate(prompt: str, extra: tuple[str, ...]) -> dict[str, Any]:

@@ -1,12 +1,11 @@
 """Running a ``FragmentModel`` under a ``SkipPlan``: whole layers, sub-blocks and FFN neurons.
 
-Why here and not a flag on ``FragmentModel.forward``: that method skips whole layers already
-(``skip=``), but bypassing only a layer's attention or MLP, or keeping a subset of its FFN
-neurons, needs the two halves of ``DecoderLayer.forward`` separately: the attention half is the
-layer's own ``attend``, and ``mlp_update`` is the MLP half (with optional neuron sparsity),
+Whole layers are skipped by ``FragmentModel.forward`` itself (``skip=``); bypassing only a
+layer's attention or MLP, or keeping a subset of its FFN neurons, goes through its ``run_layer``
+hook, so the embeddings, positions, cache and head are the model's own code. The attention half
+is the layer's own ``attend``; ``mlp_update`` is the MLP half (with optional neuron sparsity),
 written against the layer's own modules; a test checks that together they reproduce
-``DecoderLayer.forward`` and ``FragmentModel.forward`` exactly, so a change to the model code
-cannot silently desynchronise them.
+``DecoderLayer.forward`` and ``FragmentModel.forward`` exactly.
 
 ``observe`` hands each layer's residual stream before the layer, between its sub-blocks and
 after it to the caller: that is all calibration needs.
@@ -16,13 +15,13 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 
-from engine.errors import SessionError
 from engine.models.kv_cache import KVCache
-from engine.models.llama import DecoderLayer, FragmentModel, attention_mask
+from engine.models.llama import AttentionLayer, DecoderLayer, FragmentModel
 from engine.sparsity.budget import SkipPlan
 
 #: (absolute layer, stream before the layer, after its attention, after its MLP)
@@ -79,33 +78,27 @@ def forward(
     observe: Observer | None = None,
 ) -> torch.Tensor:
     """``model(x, start_pos, cache, all_logits=...)`` with ``plan`` applied; see the module docstring."""
-    if model.embed_tokens is not None:
-        x = model.embed_tokens(x)
-    if len(model.layers):
-        x = x.to(model.layers[0].qkv.weight.dtype)
-    t = x.shape[1]
-    if cache is not None and cache.length != start_pos:
-        raise SessionError(f"position {start_pos} does not follow the cached {cache.length} positions")
-    if len(model.layers):
-        cos, sin = model.rotary(start_pos, t, x.dtype, x.device)
-        mask = attention_mask(start_pos, t, model.cfg.sliding_window, x.device)
-        for slot, layer in enumerate(model.layers):
-            index = model.start + slot
-            if index in plan.layers:
-                continue
-            before = x
-            if index not in plan.attention:
-                x = layer.attend(x, cos, sin, cache, slot, start_pos, mask)
-            middle = x
-            if index not in plan.mlp:
-                keep = plan.neuron_keep if index in plan.neuron_layers else 1.0
-                x = x + mlp_update(layer, x, keep)
-            if observe is not None:
-                observe(index, before, middle, x)
-    if cache is not None:
-        cache.length = start_pos + t
-    if model.norm is None or model.lm_head is None:
+
+    def run_layer(
+        index: int,
+        layer: AttentionLayer,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        slot: int,
+        start: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        before = x
+        if index not in plan.attention:
+            x = layer.attend(x, cos, sin, cache, slot, start, mask)
+        middle = x
+        if index not in plan.mlp:
+            keep = plan.neuron_keep if index in plan.neuron_layers else 1.0
+            x = x + mlp_update(cast(DecoderLayer, layer), x, keep)  # sub-block plans are for dense layers
+        if observe is not None:
+            observe(index, before, middle, x)
         return x
-    if not all_logits:
-        x = x[:, -1:]
-    return model.lm_head(model.norm(x)).float()
+
+    return model(x, start_pos, cache, all_logits=all_logits, skip=plan.layers, run_layer=run_layer)
