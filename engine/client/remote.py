@@ -34,6 +34,7 @@ from engine.errors import (
     TransportError,
     error_for_code,
 )
+from engine.fragments import torch_thread
 from engine.models.llama import FragmentModel
 from engine.models.sampling import SamplingParams
 from engine.protocol import frames
@@ -293,7 +294,7 @@ class RemotePipeline:
                         raise CoordinatorError(f"fetching {base}manifest.json failed: HTTP {resp.status}")
                     manifest = parse_manifest(await resp.json(content_type=None))
                 folders.append(await fetch_fragment(http, base, manifest, cache_dir))
-        _, model = await asyncio.to_thread(load_span, folders)
+        _, model = await torch_thread.run_loader(load_span, folders)
         return model
 
     def _hops(self) -> tuple[wire.Hop, ...]:

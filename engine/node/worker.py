@@ -294,7 +294,7 @@ class Node:
                         return
             # Loading is mostly reading and copying weights: done beside the torch thread, so the
             # span already served keeps serving meanwhile (a rebalance stalls no session).
-            _, model = await asyncio.to_thread(load_span, folders, device=self.config.device)
+            _, model = await torch_thread.run_loader(load_span, folders, device=self.config.device)
             executor = FragmentExecutor(model, ExecutorConfig(kv_budget_bytes=self.config.kv_budget_mb << 20))
             await torch_thread.run(executor.warm_up)
             self._swap(ServedSpan(model_id, units, manifests, executor))
