@@ -11,6 +11,7 @@ Every user mistake surfaces as a ``KlusterError`` whose message is printed on on
   calibrate   measure each layer's importance over a text, for fragment manifests
   bench       benchmarks that print a table of ratios measured in one run
   sim         simulate a large grid: our scheduler vs a Petals-style baseline
+  ledger      verify the ledger's hash chain; supplier earnings and developer spend
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def add_generation_options(p: argparse.ArgumentParser, *, prompt_required: bool)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli import bench, calibrate, demo, fragments, generate, servers, sim
+    from engine.cli import bench, calibrate, demo, fragments, generate, ledger, servers, sim
 
     parser = argparse.ArgumentParser(prog="kluster", description="Run open models across a grid of GPUs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.register(sub)
     bench.register(sub)
     sim.register(sub)
+    ledger.register(sub)
     return parser
 
 
