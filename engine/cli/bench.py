@@ -9,6 +9,7 @@ targets instead, everything in one process run so the ratios compare like with l
   transport  our data channels vs stock aiortc: loopback and a lossy emulated WAN (bench_transport.py)
   wan        time per token over an emulated 40 ms / 1% loss WAN vs delay+compute (bench_wan.py)
   sparsity   skipping layers / sub-blocks / FFN neurons: perplexity vs compute saved (bench_sparsity.py)
+  coordinator  1,000 node WebSockets: registration latency, memory, dead-socket drops (bench_coordinator.py)
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ def register(sub: Any) -> None:
     from engine.cli import bench_sparsity
 
     bench_sparsity.register(bsub)
+
+    from engine.cli import bench_coordinator
+
+    bench_coordinator.register(bsub)
 
 
 async def _decode_stats(pipeline: Any, prompt_ids: list[int], tokens: int) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from engine import aio, paths
 from engine.client.generation import GenerationRequest, Pipeline, generate_events
@@ -14,6 +14,9 @@ from engine.errors import ConfigError
 from engine.models.config import ModelConfig
 from engine.models.sampling import SamplingParams
 from engine.models.tokenizer import ModelTokenizer
+
+if TYPE_CHECKING:
+    from engine.coordinator.auth import SessionAuth
 
 
 def register(sub: Any) -> None:
@@ -25,6 +28,14 @@ def register(sub: Any) -> None:
     where.add_argument("--local", action="store_true", help="run the whole model in this process (reference path)")
     p.add_argument("--model", default="smollm2-135m", help="model id, local folder or hub id (default smollm2-135m)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for --local")
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="file whose first line is your developer account token (default: $KLUSTER_TOKEN; "
+        "none: for coordinators with auth off)",
+    )
     add_generation_options(p, prompt_required=True)
     p.set_defaults(handler=run)
 
@@ -118,12 +129,27 @@ def route_text(route_event: dict[str, Any]) -> str:
 
 async def run_remote(args: argparse.Namespace, coordinator: str, *, out: TextIO | None = None) -> dict[str, Any]:
     """Queue a job at the coordinator, and once it is granted a slot, generate through a route."""
-    from engine.client.jobs import JobTicket
+    from engine.coordinator.auth import SessionAuth, load_account_token
     from engine.transport.signaling import ws_url
 
     if not 0 < args.route_wait <= 3600:
         raise ConfigError(f"--route-wait must be between 0 and 3600 seconds, got {args.route_wait:g}")
     ws_url(coordinator)  # a malformed URL is a one-line error before anything is sent
+    # Only `generate` has --token-file; the demo (the other caller) runs its own grid with auth off.
+    token = load_account_token(args.token_file) if "token_file" in vars(args) else None
+    auth = SessionAuth(coordinator, token) if token else None
+    try:
+        return await _run_job(args, coordinator, auth, out=out)
+    finally:
+        if auth is not None:
+            await auth.close()
+
+
+async def _run_job(
+    args: argparse.Namespace, coordinator: str, auth: SessionAuth | None, *, out: TextIO | None
+) -> dict[str, Any]:
+    from engine.client.jobs import JobTicket
+
     params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
     async with JobTicket(
         coordinator,
@@ -132,6 +158,7 @@ async def run_remote(args: argparse.Namespace, coordinator: str, *, out: TextIO 
         priority=args.priority,
         params=params,
         wait_for_route=args.wait_for_route,
+        auth=auth,
     ) as job:
 
         def queued(view: dict[str, Any]) -> None:
@@ -142,7 +169,7 @@ async def run_remote(args: argparse.Namespace, coordinator: str, *, out: TextIO 
                 print(f"queued as {job.id}, position {view.get('position')}", file=sys.stderr)
 
         await job.wait_turn(queued)
-        done = await _generate_remote(args, coordinator, out=out)
+        done = await _generate_remote(args, coordinator, auth, out=out)
         job.tokens = int(done.get("stats", {}).get("generated_tokens", 0))
         return done
 
@@ -160,14 +187,16 @@ def check_activation(args: argparse.Namespace) -> None:
             raise ConfigError(f"--draft-tokens must be between 1 and 32, got {args.draft_tokens}")
 
 
-async def _generate_remote(args: argparse.Namespace, coordinator: str, *, out: TextIO | None) -> dict[str, Any]:
+async def _generate_remote(
+    args: argparse.Namespace, coordinator: str, auth: SessionAuth | None, *, out: TextIO | None
+) -> dict[str, Any]:
     from engine.client.remote import RemotePipeline
     from engine.client.speculative import SpeculativePipeline
 
     check_activation(args)
     activation = 1.0 if args.verify else args.activation  # verification runs the whole model
     pipeline = RemotePipeline(
-        coordinator, args.model, route_wait_s=args.route_wait, codec=args.codec, activation=activation
+        coordinator, args.model, route_wait_s=args.route_wait, codec=args.codec, activation=activation, auth=auth
     )
     spec: SpeculativePipeline | None = None
     try:

@@ -1,4 +1,8 @@
-"""``kluster coordinator`` and ``kluster node``: the long-running processes."""
+"""``kluster coordinator`` and ``kluster node``: the long-running processes.
+
+``kluster coordinator add-user | list-users | disable-user | enable-user`` manage the accounts
+file (``engine.coordinator.accounts``) instead of starting a coordinator.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +19,12 @@ from engine import aio, paths
 from engine.errors import ConfigError
 
 if TYPE_CHECKING:
+    from engine.coordinator.accounts import AccountStore
     from engine.coordinator.turn import TurnConfig
 
 DEFAULT_PORT = 8765
+DEFAULT_SESSION_TTL_S = 600.0
+ACCOUNTS_FILE = "accounts.sqlite3"
 
 
 def register(sub: Any) -> None:
@@ -69,7 +76,48 @@ def register(sub: Any) -> None:
         metavar="SECONDS",
         help="lifetime of each TURN credential (default 3600; refreshed every half of it)",
     )
+    c.add_argument(
+        "--accounts",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="accounts file (default: accounts.sqlite3 beside the --db file, i.e. in the user data dir)",
+    )
+    c.add_argument(
+        "--auth",
+        choices=["on", "off", "auto"],
+        default="auto",
+        help="require session tokens of accounts (default auto: on once the accounts file has an active account)",
+    )
+    c.add_argument(
+        "--session-secret-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="file whose first line (>= 32 characters) signs session tokens, so they survive a restart "
+        "(or $KLUSTER_SESSION_SECRET; default: random per start)",
+    )
+    c.add_argument(
+        "--session-ttl",
+        type=float,
+        default=DEFAULT_SESSION_TTL_S,
+        metavar="SECONDS",
+        help=f"lifetime of session tokens (default {DEFAULT_SESSION_TTL_S:.0f})",
+    )
+    c.add_argument(
+        "--rate-ip",
+        default="50:500",
+        metavar="RATE:BURST",
+        help="requests per second and burst allowed per client IP (IPv6: per /64), or 'off' (default 50:500)",
+    )
+    c.add_argument(
+        "--rate-account",
+        default="20:200",
+        metavar="RATE:BURST",
+        help="authenticated requests per second and burst allowed per account, or 'off' (default 20:200)",
+    )
     c.set_defaults(handler=run_coordinator, default_loglevel="INFO")
+    _register_accounts(c)
 
     n = sub.add_parser("node", help="run a node that hosts the fragments assigned by the coordinator")
     n.add_argument("--coordinator", required=True, help="coordinator URL, e.g. http://127.0.0.1:8765")
@@ -117,7 +165,48 @@ def register(sub: Any) -> None:
         help="this node's long-term ed25519 key, created (mode 0600) if missing; its peer id is derived from it "
         "(default: one per --name in the user data dir, identity/node-NAME.key)",
     )
+    n.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="file whose first line is this node's supplier account token (default: $KLUSTER_TOKEN; "
+        "none: for coordinators with auth off)",
+    )
+    n.add_argument(
+        "--events-jsonl",
+        default=None,
+        metavar="PATH|-",
+        help="write state changes as JSON lines to PATH, or '-' for stdout (for a supervisor such as kluster-supplier)",
+    )
     n.set_defaults(handler=run_node, default_loglevel="INFO")
+
+
+def _register_accounts(c: Any) -> None:
+    """``kluster coordinator add-user`` and friends (no coordinator needs to run)."""
+    sub = c.add_subparsers(dest="accounts_command", metavar="ACCOUNTS-COMMAND", required=False)
+    accounts = argparse.ArgumentParser(add_help=False)
+    accounts.add_argument(
+        "--accounts",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="accounts file (default: accounts.sqlite3 in the user data dir)",
+    )
+    a = sub.add_parser("add-user", parents=[accounts], help="create an account and print its token (shown once)")
+    a.add_argument("name", help="account name: letters, digits, '.', '_', '-'")
+    a.add_argument("--role", required=True, choices=["supplier", "developer", "admin"], help="what it may do")
+    a.add_argument("--json", action="store_true", help="print one JSON object")
+    a.set_defaults(handler=run_add_user, default_loglevel="WARNING")
+    ls = sub.add_parser("list-users", parents=[accounts], help="list accounts (never their tokens)")
+    ls.add_argument("--json", action="store_true", help="print one JSON object")
+    ls.set_defaults(handler=run_list_users, default_loglevel="WARNING")
+    for name, disabled in (("disable-user", True), ("enable-user", False)):
+        d = sub.add_parser(
+            name, parents=[accounts], help=f"{name.split('-')[0]} an account (its sessions are refused at next use)"
+        )
+        d.add_argument("name")
+        d.set_defaults(handler=run_set_disabled, disabled=disabled, default_loglevel="WARNING")
 
 
 async def _until_signalled() -> None:
@@ -155,6 +244,74 @@ def _ice_options(args: argparse.Namespace) -> tuple[tuple[dict[str, Any], ...], 
     return build_ice_config(stun_urls=args.stun, turn_urls=args.turn, secret=secret, ttl_s=args.turn_ttl)
 
 
+def _accounts_store(path: Path | None) -> AccountStore:
+    from engine.coordinator.accounts import AccountStore
+
+    return AccountStore(path or paths.data_dir() / ACCOUNTS_FILE)
+
+
+def run_add_user(args: argparse.Namespace) -> int:
+    store = _accounts_store(args.accounts)
+    try:
+        token = store.add(args.name, args.role)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"name": args.name, "role": args.role, "token": token}))
+    else:
+        print(f"{args.role} account '{args.name}' created. Its token (shown only this once, keep it secret):")
+        print(token)
+        print("Give it to the account's nodes or clients as $KLUSTER_TOKEN or in a --token-file.", file=sys.stderr)
+    return 0
+
+
+def run_list_users(args: argparse.Namespace) -> int:
+    import time
+
+    store = _accounts_store(args.accounts)
+    try:
+        accounts = store.accounts()
+    finally:
+        store.close()
+    if args.json:
+        rows = [{"name": a.name, "role": a.role, "created": a.created, "disabled": a.disabled} for a in accounts]
+        print(json.dumps({"accounts": rows}))
+        return 0
+    print(f"{'name':<24}{'role':<12}{'created':<22}state")
+    for a in accounts:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a.created))
+        print(f"{a.name:<24}{a.role:<12}{created:<22}{'disabled' if a.disabled else 'active'}")
+    return 0
+
+
+def run_set_disabled(args: argparse.Namespace) -> int:
+    store = _accounts_store(args.accounts)
+    try:
+        account = store.set_disabled(args.name, args.disabled)
+    finally:
+        store.close()
+    print(f"account '{account.name}' {'disabled' if account.disabled else 'enabled'}")
+    return 0
+
+
+def _auth_options(args: argparse.Namespace, db: str) -> dict[str, Any]:
+    """--accounts/--auth/--session-*/--rate-* -> CoordinatorConfig fields."""
+    from engine.coordinator.auth import load_session_secret
+    from engine.coordinator.ratelimit import RateLimits, parse_limit
+
+    accounts = args.accounts
+    if accounts is None:  # beside the registry: a throwaway --db (demo, tests) gets no accounts
+        accounts = (paths.data_dir() if db == ":memory:" else Path(db).parent) / ACCOUNTS_FILE
+    secret, _ = load_session_secret(args.session_secret_file)
+    return {
+        "accounts_path": str(accounts),
+        "auth": args.auth,
+        "session_secret": secret,
+        "session_ttl_s": args.session_ttl,
+        "rate_limits": RateLimits(per_ip=parse_limit(args.rate_ip), per_account=parse_limit(args.rate_account)),
+    }
+
+
 def run_coordinator(args: argparse.Namespace) -> int:
     from engine.coordinator.app import Coordinator, CoordinatorConfig
 
@@ -175,6 +332,7 @@ def run_coordinator(args: argparse.Namespace) -> int:
         placement_settle_s=args.placement_settle,
         ice_servers=ice_servers,
         turn=turn,
+        **_auth_options(args, db),
     )
     coordinator = Coordinator(config)
 
@@ -195,6 +353,8 @@ def run_coordinator(args: argparse.Namespace) -> int:
 
 
 def run_node(args: argparse.Namespace) -> int:
+    from engine.coordinator.auth import load_account_token
+    from engine.node.events import EventSink
     from engine.node.worker import Node, NodeConfig
 
     if args.kv_budget_mb <= 0:
@@ -221,8 +381,10 @@ def run_node(args: argparse.Namespace) -> int:
             throttle=args.throttle,
             claimed_layers_per_s=args.claim_layers_per_s,
             identity_path=args.identity,
+            account_token=load_account_token(args.token_file),
         )
     )
+    node.events = EventSink.open(args.events_jsonl)  # engine.node.events: the local channel to a supervisor
 
     async def main() -> None:
         serve = asyncio.create_task(node.run())
@@ -230,7 +392,8 @@ def run_node(args: argparse.Namespace) -> int:
         try:
             done, _ = await asyncio.wait({serve, stop}, return_when=asyncio.FIRST_COMPLETED)
             if serve in done:
-                serve.result()  # re-raise a failure to connect
+                with node.events.reporting_errors():
+                    serve.result()  # re-raise a failure to connect
             else:
                 # First signal: drain (no new sessions, live ones finish); a second one stops at once.
                 stop = asyncio.create_task(_until_signalled())
@@ -244,6 +407,7 @@ def run_node(args: argparse.Namespace) -> int:
                 serve.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await serve
+            node.events.close()
 
     aio.run(main())
     return 0

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 
+from engine.coordinator.auth import SessionAuth
 from engine.errors import CoordinatorError, KlusterError, SessionError
 from engine.transport.signaling import raise_for_error_body
 
@@ -62,8 +63,11 @@ class JobTicket:
         priority: int = 5,
         params: dict[str, Any] | None = None,
         wait_for_route: bool = False,
+        auth: SessionAuth | None = None,
     ) -> None:
         self.base = coordinator.rstrip("/")
+        #: our developer account's sessions (None: the coordinator runs with auth off); the caller owns it
+        self.auth = auth
         self.body: dict[str, Any] = {
             "tenant": tenant,
             "model": model,
@@ -83,7 +87,10 @@ class JobTicket:
         return str(self.job.get("id", ""))
 
     async def __aenter__(self) -> JobTicket:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=POLL_S + 15, connect=10))
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=POLL_S + 15, connect=10),
+            middlewares=(self.auth.middleware,) if self.auth is not None else (),  # a session on each request
+        )
         try:
             self.job = await _call(self._session, "POST", self.base, "/v1/jobs", self.body)
         except BaseException:

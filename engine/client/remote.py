@@ -23,6 +23,7 @@ import aiohttp
 import torch
 
 from engine.client.generation import StepResult
+from engine.coordinator.auth import SessionAuth
 from engine.errors import (
     ConfigError,
     CoordinatorError,
@@ -41,7 +42,7 @@ from engine.protocol import frames
 from engine.protocol import messages as wire
 from engine.protocol.codec import CODECS
 from engine.transport.peer import PeerManager
-from engine.transport.signaling import SignalingClient
+from engine.transport.signaling import SignalingClient, get_json
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,9 @@ def _rewind(state: _SessionState, pos: int) -> None:
     state.next_pos = pos
 
 
+#: HTTP requests to the coordinator made with our session (route, model list, tokenizer files)
+_HTTP_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=10)
+
 #: A failed node is avoided this long, or until the coordinator says it is ready again. Not for
 #: ever: the failure may have been ours (our own network dropped), and a node that is truly gone
 #: is not offered by the coordinator anyway.
@@ -115,6 +119,7 @@ class RemotePipeline:
         route_wait_s: float = 60.0,
         codec: str = "fp32",
         activation: float = 1.0,
+        auth: SessionAuth | None = None,
     ) -> None:
         if codec not in CODECS:
             raise ConfigError(f"unknown activation codec {codec!r} (known: {', '.join(CODECS)})")
@@ -141,6 +146,8 @@ class RemotePipeline:
         self.ring = ring
         self.step_timeout_s = step_timeout_s
         self.signaling = SignalingClient(coordinator, "client", name, on_control=self._on_control)
+        #: our developer account's sessions (None: the coordinator runs with auth off); the caller owns it
+        self.auth = auth
         self.peers: PeerManager | None = None
         self.route: list[RouteHop] = []
         self._pending: dict[tuple[str, int], asyncio.Future[wire.Token]] = {}
@@ -153,13 +160,40 @@ class RemotePipeline:
 
     async def start(self) -> list[RouteHop]:
         """Connect to the coordinator and get a route for the model."""
-        await self.signaling.connect()
+        if self.auth is not None:
+            await self.auth.token()  # the hello needs a session
+        await self.signaling.connect(self._hello_extra())
         self._start_peers()
         self._runner = asyncio.create_task(
-            self.signaling.serve(lambda: self._stopping, on_new_identity=self._new_identity), name="signaling"
+            self.signaling.serve(lambda: self._stopping, extra=self._hello_extra, on_new_identity=self._new_identity),
+            name="signaling",
         )
         self.route = await self._fetch_route()
         return self.route
+
+    def _hello_extra(self) -> dict[str, Any]:
+        return self.auth.hello() if self.auth is not None else {}
+
+    async def _http_json(self, path: str, params: dict[str, str] | None = None) -> Any:
+        """GET from the coordinator's API, with a session when we have an account."""
+        if self.auth is None:
+            return await self.signaling.http_json(path, params)
+        async with aiohttp.ClientSession(timeout=_HTTP_TIMEOUT, middlewares=(self.auth.middleware,)) as http:
+            return await get_json(http, self.signaling.coordinator + path, params)
+
+    async def _http_bytes(self, path: str) -> bytes:
+        if self.auth is None:
+            return await self.signaling.http_bytes(path)
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=_HTTP_TIMEOUT, middlewares=(self.auth.middleware,)) as http,
+                http.get(self.signaling.coordinator + path) as resp,
+            ):
+                if resp.status != 200:
+                    raise CoordinatorError(f"coordinator answered HTTP {resp.status} for {path}")
+                return await resp.read()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise CoordinatorError(f"coordinator request {path} failed: {exc}") from None
 
     def _start_peers(self) -> None:
         self.peers = PeerManager(
@@ -200,7 +234,7 @@ class RemotePipeline:
         excluded = sorted(p for p, until in self._excluded.items() if until > now)
         if excluded:
             params["exclude"] = ",".join(excluded)
-        body = await self.signaling.http_json("/v1/route", params)
+        body = await self._http_json("/v1/route", params)
         try:
             route = [RouteHop(str(h["peer_id"]), str(h["name"]), int(h["start"]), int(h["end"])) for h in body["route"]]
             budget = body.get("budget")
@@ -241,7 +275,7 @@ class RemotePipeline:
 
     async def fetch_tokenizer(self, cache_dir: Path) -> Path:
         """Download the model's tokenizer files from the coordinator into a cache folder."""
-        models = await self.signaling.http_json("/v1/models")
+        models = await self._http_json("/v1/models")
         entry = next((m for m in models.get("models", []) if m.get("model_id") == self.model_id), None)
         if entry is None:
             raise CoordinatorError(f"coordinator does not list model '{self.model_id}'")
@@ -251,7 +285,7 @@ class RemotePipeline:
             target = folder / name
             if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == sha:
                 continue
-            data = await self.signaling.http_bytes(f"/v1/models/{self.model_id}/tokenizer/{name}")
+            data = await self._http_bytes(f"/v1/models/{self.model_id}/tokenizer/{name}")
             if hashlib.sha256(data).hexdigest() != sha:
                 raise CoordinatorError(f"tokenizer file {name} from the coordinator fails its sha256 check")
             target.write_bytes(data)
@@ -265,7 +299,7 @@ class RemotePipeline:
 
     async def budget_for(self, activation: float) -> dict[str, Any]:
         """The coordinator's plan for ``activation`` (layers to skip), without changing our own route."""
-        body = await self.signaling.http_json("/v1/route", {"model": self.model_id, "activation": f"{activation:g}"})
+        body = await self._http_json("/v1/route", {"model": self.model_id, "activation": f"{activation:g}"})
         budget = body.get("budget")
         if not isinstance(budget, dict) or not isinstance(budget.get("skip"), list):
             raise CoordinatorError("coordinator sent no activation plan")
@@ -280,13 +314,14 @@ class RemotePipeline:
         from engine.fragments.store import load_span
         from engine.node.fetch import fetch_fragment
 
-        models = await self.signaling.http_json("/v1/models")
+        models = await self._http_json("/v1/models")
         entry = next((m for m in models.get("models", []) if m.get("model_id") == self.model_id), None)
         if entry is None:
             raise CoordinatorError(f"coordinator does not list model '{self.model_id}'")
         folders = []
         timeout = aiohttp.ClientTimeout(total=3600, sock_connect=10)
-        async with aiohttp.ClientSession(timeout=timeout) as http:
+        middlewares = (self.auth.middleware,) if self.auth is not None else ()
+        async with aiohttp.ClientSession(timeout=timeout, middlewares=middlewares) as http:
             for frag in entry.get("fragments", []):
                 base = f"{self.signaling.coordinator}/v1/models/{self.model_id}/fragments/{frag['name']}/"
                 async with http.get(base + "manifest.json") as resp:

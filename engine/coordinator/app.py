@@ -8,7 +8,7 @@ fastest route over measured round trips, speeds and loads.
 
 WebSocket ``/v1/ws`` messages (JSON objects with a ``type``):
   coord -> peer   challenge {nonce}           first message: a fresh nonce the hello must sign
-  peer -> coord   hello {role: node|client, name, key, sig, hosting?: {model_id, units: [a, b]},
+  peer -> coord   hello {role: node|client, name, key, sig, session?, hosting?: {model_id, units: [a, b]},
                          claimed_layers_per_s?}
                   within ``hello_timeout_s``; ``key`` is the peer's ed25519 public key (base64) and
                   ``sig`` its signature over the nonce (``engine.transport.identity.hello_proof``):
@@ -17,7 +17,10 @@ WebSocket ``/v1/ws`` messages (JSON objects with a ``type``):
                   it; a hello without a valid proof is closed with code 4000 and the reason. A new
                   socket proving a key whose older socket is still open replaces it (code 4001:
                   a restarted process, or two sharing one key file). ``hosting`` keeps a node's
-                  loaded fragments a..b-1; a claimed speed is shown but never used for placement
+                  loaded fragments a..b-1; a claimed speed is shown but never used for placement.
+                  With auth on, ``session`` is a session token (``engine.coordinator.auth``) of a
+                  supplier account for a node, a developer account for a client; without one the
+                  socket is closed with code 4003 and the reason
   coord -> peer   welcome {peer_id, ice_servers}
                   ice_servers: STUN/TURN servers, TURN with a credential minted for this peer
                   (``engine.coordinator.turn``)
@@ -25,6 +28,11 @@ WebSocket ``/v1/ws`` messages (JSON objects with a ``type``):
   coord -> client node_gone {peer_id, name}  a node's socket closed: routes through it are broken
   coord -> client node_ready {peer_id}        a node (new or back after a blip) can be routed through
   both ways       ping                        every ``heartbeat_s``; 3 silent intervals drop the socket
+
+Limits: messages above ``max_ws_message`` (256 KiB; SDPs are a few KB) close the socket with 1009;
+the WebSocket protocol heartbeat (``heartbeat=heartbeat_s``) pings when a peer has sent nothing
+for one interval and closes the socket if no pong comes within half of one, so a dead TCP peer is
+dropped within 1.5 intervals of its last frame; HTTP bodies are capped at ``max_body`` (64 KiB).
   coord -> node   measure {model_id, config, dtype}   benchmark this architecture before placement
   node -> coord   capability {model_id, capability}   hardware, measured throughput, memory offered
   coord -> node   assign {model_id, units: [a, b], manifests: [...], files_url}
@@ -52,9 +60,14 @@ from aiohttp import web
 
 from engine import __version__
 from engine.coordinator import events
+from engine.coordinator.accounts import AccountStore
+from engine.coordinator.auth import CLOSE_UNAUTHORIZED, DEFAULT_TTL_S, SESSION_PATH, AuthGate
 from engine.coordinator.events import EventHub
+from engine.coordinator.experts import NODE_MESSAGES as EXPERT_MESSAGES
+from engine.coordinator.experts import ExpertBoard
 from engine.coordinator.jobs_api import JobService, add_job_routes
 from engine.coordinator.placer import Measurement, Placer
+from engine.coordinator.ratelimit import RateLimits
 from engine.coordinator.registry import NodeRow, Registry
 from engine.coordinator.turn import TurnConfig
 from engine.errors import ConfigError, FragmentError, IdentityError, KlusterError, NoRouteError
@@ -91,8 +104,21 @@ class CoordinatorConfig:
     #: ping interval on every peer's WebSocket; a peer silent for HEARTBEAT_MISSES intervals is
     #: dropped, so a dead or partitioned node is noticed within ~3x this and its clients fail over
     heartbeat_s: float = HEARTBEAT_S
-    #: largest WebSocket message accepted from a peer (SDP blobs are a few KB)
+    #: largest WebSocket message accepted from a peer (SDP blobs are a few KB); larger closes with 1009
     max_ws_message: int = 256 * 1024
+    #: largest HTTP request body (a job submission is well under 1 KiB)
+    max_body: int = 64 * 1024
+    #: listen backlog: thousands of nodes reconnect at once after a coordinator restart
+    backlog: int = 1024
+    #: SQLite file of accounts (``engine.coordinator.accounts``); None: no accounts, auth off
+    accounts_path: str | None = None
+    #: "on", "off", or "auto": on when the accounts file holds an active account
+    auth: str = "auto"
+    #: HMAC key of session tokens; None: random for this run (a restart invalidates sessions)
+    session_secret: bytes | None = None
+    session_ttl_s: float = DEFAULT_TTL_S
+    #: per-IP and per-account request rate limits
+    rate_limits: RateLimits = field(default_factory=RateLimits)
     hello_timeout_s: float = 10.0
     #: STUN/TURN servers handed to peers (RTCIceServer dicts); empty means host candidates only
     ice_servers: tuple[dict[str, Any], ...] = field(default_factory=tuple)
@@ -184,7 +210,11 @@ class Coordinator:
         self._bench: dict[str, tuple[dict[str, Any], str]] = {}
         self._configs: dict[str, ModelConfig] = {}
         layouts: dict[str, PackLayout] = {}
+        #: MoE packs with expert fragments: served apart from layer placement (engine.coordinator.experts)
+        self.moe = ExpertBoard()
         for root in config.packs:
+            if self.moe.add_if_expert_pack(root):
+                continue
             pack = read_pack(root)
             self.packs[pack.model_id] = pack
             raw = _read_config(pack)
@@ -214,20 +244,51 @@ class Coordinator:
         #: job and grid events for watchers (``GET /v1/events``, the TUI)
         self.events = EventHub()
         self.jobs: JobService | None = None
+        self.accounts = AccountStore(config.accounts_path, durable=False) if config.accounts_path else None
+        self.gate = AuthGate(
+            self.accounts,
+            enabled=self._auth_enabled(),
+            secret=config.session_secret or secrets.token_bytes(32),
+            ttl_s=config.session_ttl_s,
+            limits=config.rate_limits,
+        )
+        #: node -> the account it registered under (auth on), for earnings
+        self._node_accounts: dict[str, str] = {}
         self._runner: web.AppRunner | None = None
         self._closed = False
+
+    def _auth_enabled(self) -> bool:
+        """``auth``: on, off, or auto (on once the accounts file holds an active account); says which."""
+        mode, store = self.config.auth, self.accounts
+        if mode not in ("on", "off", "auto"):
+            raise ConfigError(f"auth must be on, off or auto, got {mode!r}")
+        active = store.active_count() if store is not None else 0
+        if mode == "on" and store is None:
+            raise ConfigError("auth on needs an accounts file")
+        if mode == "on" or (mode == "auto" and active):
+            where = store.path if store is not None else ""
+            log.log(logging.INFO if active else logging.WARNING, "auth is on: %d active accounts in %s", active, where)
+            return True
+        log.warning(
+            "auth is off: anyone can register nodes and submit jobs (add users with `kluster coordinator add-user`)"
+        )
+        if store is not None:
+            log.info("accounts file: %s (%d active accounts)", store.path, active)
+        return False
 
     # ------------------------------------------------------------------ HTTP
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=1024 * 1024)
+        app = web.Application(client_max_size=self.config.max_body, middlewares=[self.gate.middleware()])
         app.router.add_get("/v1/health", self._health)
+        app.router.add_post(SESSION_PATH, self.gate.exchange)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/nodes", self._nodes)
         app.router.add_get("/v1/route", self._route)
         app.router.add_get("/v1/models/{model}/fragments/{fragment}/{file}", self._fragment_file)
         app.router.add_get("/v1/models/{model}/tokenizer/{file}", self._tokenizer_file)
         app.router.add_get("/v1/ws", self._ws)
+        self.moe.add_routes(app)
         self.jobs = add_job_routes(
             app,
             db_path=self.config.db_path,
@@ -274,7 +335,8 @@ class Coordinator:
         return [(rows[peer], start, end) for peer, start, end in hops]
 
     async def _health(self, _: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "version": __version__, "nodes": len(self._sockets)})
+        body = {"ok": True, "version": __version__, "nodes": len(self._sockets), "auth": self.gate.enabled}
+        return web.json_response(body)
 
     async def _models(self, _: web.Request) -> web.Response:
         nodes = self.registry.online_nodes()
@@ -322,6 +384,8 @@ class Coordinator:
             node["sessions"] = self._sessions.get(peer, 0)
             node["rtt_ms"] = self._rtts.get(peer, {})
             node["frames_sent"] = self._frames.get(peer, {})
+            node["experts"] = self.moe.describe_node(peer)
+            node["account"] = self._node_accounts.get(peer)
             out.append(node)
         return web.json_response({"nodes": out})
 
@@ -395,7 +459,12 @@ class Coordinator:
     # ------------------------------------------------------------- WebSocket
 
     async def _ws(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=self.config.max_ws_message, timeout=CLOSE_S)
+        ws = web.WebSocketResponse(
+            max_msg_size=self.config.max_ws_message,
+            timeout=CLOSE_S,
+            heartbeat=self.config.heartbeat_s,
+            compress=False,  # small JSON: deflate would cost CPU and a zlib state per socket for nothing
+        )
         await ws.prepare(request)
         nonce = secrets.token_urlsafe(32)
         try:
@@ -416,7 +485,15 @@ class Coordinator:
             reason = f"hello without a valid identity proof ({exc}); is this kluster too old?"
             await ws.close(code=CLOSE_BAD_HELLO, message=reason.encode()[:120])  # a close reason fits 123 bytes
             return ws
+        try:
+            account = self.gate.check_hello(hello, role)
+        except KlusterError as exc:
+            log.warning("refused %s %s from %s: %s", role, name, request.remote, exc)
+            await ws.close(code=CLOSE_UNAUTHORIZED, message=str(exc).encode()[:120])
+            return ws
         peer_id = peer_id_for(role[0], public_key)
+        if account is not None and role == "node":
+            self._record_account(peer_id, name, account)
         await self._take_over(peer_id, name)
         resumed = peer_id in self._known
         if role == "node":
@@ -454,6 +531,17 @@ class Coordinator:
                     del self._left[peer_id]
         return ws
 
+    def _record_account(self, peer_id: str, name: str, account: str) -> None:
+        """Remember (in memory and the accounts file) the account a node registered under."""
+        old = self._node_accounts.get(peer_id)
+        if old == account:
+            return
+        if old is not None:
+            log.warning("node %s (%s) moved from account %s to %s", peer_id, name, old, account)
+        self._node_accounts[peer_id] = account
+        if self.accounts is not None:
+            self.accounts.record_node(peer_id, name, account)
+
     async def _peer_left(self, peer_id: str, role: str, name: str) -> None:
         self._sockets.pop(peer_id, None)
         self._roles.pop(peer_id, None)
@@ -462,6 +550,7 @@ class Coordinator:
             self._rtts.pop(peer_id, None)
             self._sessions.pop(peer_id, None)
             self._frames.pop(peer_id, None)
+            self.moe.left(peer_id)
             self.placer.left(peer_id)
             self._replan_soon()
             self.events.node_event(events.NODE_LEFT, peer_id, name)
@@ -511,6 +600,9 @@ class Coordinator:
         Placement waits for the measurement: only a speed the node measured on this model's layers
         places it, never the one it may claim in its hello.
         """
+        name = str(hello.get("name") or "node")[:64]
+        if "hosting" not in hello and await self.moe.node_joined(peer_id, name, ws, spare=not self.packs):
+            return  # an expert node: no measurement, no layer placement
         claimed = _positive(hello.get("claimed_layers_per_s"))
         hosting = hello.get("hosting")
         model_id = await self._take_back(peer_id, hosting, claimed) if isinstance(hosting, dict) else None
@@ -648,6 +740,8 @@ class Coordinator:
             if isinstance(sessions, int) and not isinstance(sessions, bool) and 0 <= sessions < 1_000_000:
                 self._sessions[peer_id] = sessions
             self._frames[peer_id] = _clean_counts(data.get("frames"), frames.COUNTERS)
+        elif kind in EXPERT_MESSAGES and role == "node":
+            self.moe.on_message(peer_id, data)
         elif kind == "draining" and role == "node":
             self.registry.set_ready(peer_id, False)  # no new routes through it; live sessions finish
             self.placer.retire(peer_id)
@@ -669,7 +763,7 @@ class Coordinator:
         self._grace_until = asyncio.get_running_loop().time() + self.config.placement_grace_s
         self._runner = web.AppRunner(self.app(), handle_signals=False, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        site = web.TCPSite(self._runner, self.config.host, self.config.port, backlog=self.config.backlog)
         await site.start()
         server = site._server
         port = server.sockets[0].getsockname()[1] if server and server.sockets else self.config.port
@@ -695,3 +789,5 @@ class Coordinator:
         if self._runner is not None:
             await self._runner.cleanup()
         self.registry.close()
+        if self.accounts is not None:
+            self.accounts.close()

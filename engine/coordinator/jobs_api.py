@@ -11,6 +11,9 @@ How a client runs a job (the client generates; the coordinator only admits and o
    a 409 ``bad_job_state`` answer means the job was cancelled (or expired): stop;
 4. ``POST /v1/jobs/{id}/state`` {token, state: done|failed, tokens?, error?}.
 
+With auth on (``engine.coordinator.auth``) every job route needs a developer session, and a job's
+tenant is the developer's account name, whatever the body says (admins may name any tenant).
+
 ``GET /v1/jobs?tenant=`` lists live jobs, ``GET /v1/jobs/{id}`` shows one (also an old one, from the
 store), ``POST /v1/jobs/{id}/cancel`` {token} cancels, and ``GET /v1/events`` streams job and node
 events as Server-Sent Events (a ``: ping`` comment every ``heartbeat_s``).
@@ -32,6 +35,8 @@ from typing import Any
 from aiohttp import web
 
 from engine.coordinator import events
+from engine.coordinator.accounts import ADMIN
+from engine.coordinator.auth import ACCOUNT
 from engine.coordinator.events import EventHub
 from engine.coordinator.jobs import (
     DEFAULT_LIMITS,
@@ -297,7 +302,11 @@ def add_job_routes(
     service.served = served
 
     async def submit(request: web.Request) -> web.StreamResponse:
-        job = service.submit(await _json_body(request))
+        body = await _json_body(request)
+        account = request.get(ACCOUNT)
+        if account is not None and account.role != ADMIN and isinstance(body, dict):
+            body = {**body, "tenant": account.sub}  # with auth on, a developer queues as itself
+        job = service.submit(body)
         return web.json_response({**service.view(job), "token": job.token}, status=202)
 
     async def list_jobs(request: web.Request) -> web.StreamResponse:

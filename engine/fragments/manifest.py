@@ -8,6 +8,14 @@ and sha256, so a node can refuse a corrupt or substituted fragment before loadin
 block influence of each layer the fragment holds, so a planner can choose layers to skip from
 manifests alone. Manifests without it, from before calibration existed, load unchanged; the
 field is left out of the JSON when absent, so those manifests also round-trip byte for byte.
+
+``experts`` (optional, Mixture-of-Experts packs with expert fragments, ``engine.fragments.experts``)
+says which routed experts the fragment holds, as ``(layer, expert)`` pairs. Absent: every routed
+expert of its layers (all manifests before it existed). Empty: a *trunk* fragment, whose MoE
+layers keep attention, router and shared expert but whose routed experts live in expert
+fragments. Non-empty: an *expert fragment*, holding those experts and nothing else (no attention,
+embeddings or head; ``start..end`` is the span of the layers they belong to). It is left out of
+the JSON when absent, like ``importance``.
 """
 
 from __future__ import annotations
@@ -53,16 +61,28 @@ class Manifest:
     files: dict[str, FileEntry]
     #: per-layer importance of layers ``start..end`` (``kluster calibrate``); None when not calibrated
     importance: Importance | None = None
+    #: routed experts held, as (layer, expert) pairs: None all of its layers', () none (a trunk
+    #: fragment), else an expert fragment holding only these (see the module docstring)
+    experts: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def expert_only(self) -> bool:
+        """An expert fragment: routed experts only, served to trunks by ``ExpertForward`` messages."""
+        return bool(self.experts)
 
     @property
     def name(self) -> str:
-        return f"frag-{self.index:02d}-of-{self.count:02d}"
+        kind = "experts" if self.expert_only else "frag"
+        return f"{kind}-{self.index:02d}-of-{self.count:02d}"
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("importance")
+        out.pop("experts")
         if self.importance is not None:
             out["importance"] = self.importance.to_json()
+        if self.experts is not None:
+            out["experts"] = [list(pair) for pair in self.experts]
         return out
 
 
@@ -78,6 +98,20 @@ def _flag(value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"expected true or false, got {value!r}")
     return value
+
+
+def _expert_pairs(raw: Any) -> tuple[tuple[int, int], ...]:
+    """``[[layer, expert], ...]``: integer pairs, ascending and distinct."""
+    if not isinstance(raw, list):
+        raise TypeError("experts must be a list of [layer, expert] pairs")
+    pairs = []
+    for pair in raw:
+        if not isinstance(pair, list) or len(pair) != 2 or not all(type(v) is int and v >= 0 for v in pair):
+            raise TypeError(f"expert entry {pair!r} is not a [layer, expert] pair")
+        pairs.append((pair[0], pair[1]))
+    if pairs != sorted(set(pairs)):
+        raise ValueError("expert pairs must be ascending and distinct")
+    return tuple(pairs)
 
 
 def parse_manifest(raw: Any) -> Manifest:
@@ -102,6 +136,7 @@ def parse_manifest(raw: Any) -> Manifest:
             flops_per_token=int(raw["flops_per_token"]),
             files=files,
             importance=None if importance is None else parse_importance(importance, start, end),
+            experts=None if raw.get("experts") is None else _expert_pairs(raw["experts"]),
         )
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise FragmentError(f"manifest is malformed: {exc!r}") from None
@@ -111,6 +146,8 @@ def parse_manifest(raw: Any) -> Manifest:
         raise FragmentError("manifest is inconsistent (index, layer range or file list)")
     if any(Path(n).name != n for n in files):
         raise FragmentError("manifest names a file outside the fragment directory")
+    if m.expert_only and (m.embed or m.head or not all(m.start <= layer < m.end for layer, _ in m.experts or ())):
+        raise FragmentError("expert fragment manifest holds embeddings, a head, or experts outside its layers")
     return m
 
 

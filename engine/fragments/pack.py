@@ -21,8 +21,9 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -69,6 +70,51 @@ def fragment_flops(cfg: ModelConfig, start: int, end: int, head: bool) -> int:
     return cfg.flops_per_token_layers(start, end) + (cfg.flops_per_token_head() if head else 0)
 
 
+def fragment_tensors(
+    model_dir: Path, cfg: ModelConfig, names: list[str], *, head: bool, dtype: str
+) -> dict[str, torch.Tensor]:
+    """The named tensors of ``model_dir`` in ``dtype``, each its own copy (a tied head gets the embeddings)."""
+    tensors = read_tensors(model_dir, [*names, "model.embed_tokens.weight"])
+    if head and "lm_head.weight" not in tensors:
+        if not cfg.tie_word_embeddings:
+            raise FragmentError(f"{model_dir} has no lm_head.weight and does not tie embeddings")
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise FragmentError(f"{model_dir} is missing tensor '{missing[0]}'")
+    target = _DTYPES[dtype]
+    return {n: tensors[n].to(target).contiguous().clone() for n in names}
+
+
+def write_fragment(
+    model_dir: Path,
+    out: Path,
+    tensors: dict[str, torch.Tensor],
+    model_id: str,
+    make_manifest: Callable[[dict[str, FileEntry]], Manifest],
+) -> Manifest:
+    """Write one fragment directory (weights, config, manifest) under ``out``, named after its manifest.
+
+    ``make_manifest`` gets the written files' sizes and hashes. The fragment is written to a
+    temporary directory and renamed into place, so an interrupted pack leaves nothing half-done.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="fragment.", dir=out))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "model_id": model_id})
+        shutil.copyfile(model_dir / "config.json", tmp / CONFIG)
+        files = {n: FileEntry((tmp / n).stat().st_size, sha256_file(tmp / n)) for n in (WEIGHTS, CONFIG)}
+        manifest = make_manifest(files)
+        (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2), encoding="utf-8")
+        final = out / manifest.name
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
 def _write_fragment(
     model_dir: Path,
     out: Path,
@@ -83,23 +129,13 @@ def _write_fragment(
     start, end = layers
     embed, head = index == 0, index == count - 1
     names = hf_tensor_names(cfg, start, end, embed=embed, head=head)
-    tensors = read_tensors(model_dir, [*names, "model.embed_tokens.weight"])
-    if head and "lm_head.weight" not in tensors:
-        if not cfg.tie_word_embeddings:
-            raise FragmentError(f"{model_dir} has no lm_head.weight and does not tie embeddings")
-        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-    missing = [n for n in names if n not in tensors]
-    if missing:
-        raise FragmentError(f"{model_dir} is missing tensor '{missing[0]}'")
-    target = _DTYPES[dtype]
-    own = {n: tensors[n].to(target).contiguous().clone() for n in names}
-    final = out / f"frag-{index:02d}-of-{count:02d}"
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=out))
-    try:
-        save_file(own, str(tmp / WEIGHTS), metadata={"format": "pt", "model_id": model_id})
-        shutil.copyfile(model_dir / "config.json", tmp / CONFIG)
-        files = {n: FileEntry((tmp / n).stat().st_size, sha256_file(tmp / n)) for n in (WEIGHTS, CONFIG)}
-        manifest = Manifest(
+    own = fragment_tensors(model_dir, cfg, names, head=head, dtype=dtype)
+    return write_fragment(
+        model_dir,
+        out,
+        own,
+        model_id,
+        lambda files: Manifest(
             format=FORMAT_VERSION,
             model_id=model_id,
             index=index,
@@ -113,15 +149,8 @@ def _write_fragment(
             flops_per_token=fragment_flops(cfg, start, end, head),
             files=files,
             importance=importance.span(start, end) if importance is not None else None,
-        )
-        (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+        ),
+    )
 
 
 def model_importance(model_dir: Path, cfg: ModelConfig, calibration: Path | None = None) -> Importance | None:
@@ -164,26 +193,40 @@ def pack_model(
     importance = model_importance(model_dir, cfg, calibration)
     ranges = split_layers(cfg.num_hidden_layers, count)
     out.mkdir(parents=True, exist_ok=True)
-    tok_dir = out / TOKENIZER_DIR
-    tok_dir.mkdir(exist_ok=True)
-    tok_files = {}
-    for name in TOKENIZER_FILES:
-        if (model_dir / name).is_file():
-            shutil.copyfile(model_dir / name, tok_dir / name)
-            tok_files[name] = sha256_file(tok_dir / name)
+    tok_files = copy_tokenizer(model_dir, out)
     manifests = []
     bar: Iterable[int] = range(count)
     if progress:
         bar = tqdm(bar, desc=f"packing {model_id}", unit="fragment")
     for i in bar:
         manifests.append(_write_fragment(model_dir, out, cfg, model_id, i, count, ranges[i], dtype, importance))
+    write_pack_index(out, model_id, cfg.num_hidden_layers, manifests, tok_files)
+    log.info("packed %s into %d fragments under %s", model_id, count, out)
+    return manifests
+
+
+def copy_tokenizer(model_dir: Path, out: Path) -> dict[str, str]:
+    """Copy the model's tokenizer files into ``out/tokenizer``; returns their sha256 by name."""
+    tok_dir = out / TOKENIZER_DIR
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    tok_files = {}
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, tok_dir / name)
+            tok_files[name] = sha256_file(tok_dir / name)
+    return tok_files
+
+
+def write_pack_index(
+    out: Path, model_id: str, num_layers: int, manifests: list[Manifest], tokenizer: dict[str, str], **extra: Any
+) -> None:
+    """Write ``pack.json``; ``extra`` adds keys (readers ignore keys they do not know)."""
     index = {
         "format": FORMAT_VERSION,
         "model_id": model_id,
-        "num_layers": cfg.num_hidden_layers,
+        "num_layers": num_layers,
         "fragments": [m.name for m in manifests],
-        "tokenizer": tok_files,
+        "tokenizer": tokenizer,
+        **extra,
     }
     (out / PACK_INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
-    log.info("packed %s into %d fragments under %s", model_id, count, out)
-    return manifests

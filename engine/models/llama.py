@@ -329,7 +329,7 @@ class FragmentModel(nn.Module):
     def _load_moe(self, block: SparseMoeBlock, put: Callable[..., None]) -> None:
         names = moe_layer_names(self.cfg, block.layer)
         put(block.router.weight, names.router)
-        for expert, n in enumerate(names.experts):
+        for expert, n in enumerate(names.experts[: block.experts.count]):  # none in a trunk: experts are remote
             gate_up, down = block.experts.params(expert)
             put(gate_up, n.gate, n.up)
             put(down, n.down)

@@ -203,6 +203,11 @@ class ExpertBank(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * width, hidden))
         self.down = nn.Parameter(torch.empty(num_experts, hidden, width))
 
+    @property
+    def count(self) -> int:
+        """Experts held: the layer's all, or none in a trunk whose experts run on expert nodes."""
+        return self.gate_up.shape[0]
+
     def params(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.gate_up[expert], self.down[expert]
 
@@ -222,14 +227,20 @@ class SharedExpert(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    """The MLP of one MoE layer with every expert local: route, dispatch, run experts, combine."""
+    """The MLP of one MoE layer: route, dispatch, run experts, combine (plus the shared expert).
 
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    ``run_experts`` is the one step a subclass replaces to run the routed experts elsewhere
+    (``engine.models.moe_trunk.RemoteMoeBlock``); such a block is built with
+    ``local_experts=False`` and holds no routed expert weights at all.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int, *, local_experts: bool = True) -> None:
         super().__init__()
         self.layer = layer
         self.num_experts = cfg.num_experts
         self.router = Router(cfg)
-        self.experts = ExpertBank(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        held = cfg.num_experts if local_experts else 0
+        self.experts = ExpertBank(held, cfg.hidden_size, cfg.moe_intermediate_size)
         width = cfg.shared_expert_intermediate_size
         self.shared = SharedExpert(cfg.hidden_size, width) if width else None
         #: set by ``record_expert_usage`` while recording; a plain attribute, not a submodule
@@ -241,13 +252,15 @@ class SparseMoeBlock(nn.Module):
         plan = dispatch(indices, self.num_experts)
         if self.recorder is not None:
             self.recorder.add(self.layer, plan.counts, rows.shape[0])
-        outputs = [
-            expert_forward(*self.experts.params(e), rows[r]) for e, r in zip(plan.experts, plan.rows, strict=True)
-        ]
+        outputs = self.run_experts(plan, rows)
         out = combine(rows.shape[0], plan, weights, outputs, rows)
         if self.shared is not None:
             out = out + self.shared(rows)
         return out.view(h.shape)
+
+    def run_experts(self, plan: Dispatch, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Each routed expert's output on its rows, in the order of ``plan.experts``."""
+        return [expert_forward(*self.experts.params(e), rows[r]) for e, r in zip(plan.experts, plan.rows, strict=True)]
 
 
 @contextmanager

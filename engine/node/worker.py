@@ -16,13 +16,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import torch
 
+from engine.coordinator.auth import SessionAuth
 from engine.errors import FragmentError, KlusterError, PeerError, ProtocolError, SessionLostError
 from engine.fragments import torch_thread
 from engine.fragments.executor import ExecutorConfig, FragmentExecutor
@@ -31,6 +32,8 @@ from engine.fragments.store import load_span
 from engine.models.config import parse_config
 from engine.models.sampling import SamplingParams
 from engine.node.capability import capability_report_async, default_memory_bytes, throttle_pause
+from engine.node.events import EventSink
+from engine.node.experts import ExpertHost
 from engine.node.fetch import fetch_fragment
 from engine.protocol import frames
 from engine.protocol import messages as wire
@@ -74,6 +77,9 @@ class NodeConfig:
     #: the node's long-term identity key (created if missing); None: one per node name in the
     #: user data dir. The node's peer id is derived from it and its links are signed with it.
     identity_path: Path | None = None
+    #: the supplier account token (``kluster coordinator add-user``), exchanged for session tokens;
+    #: None for a coordinator with auth off
+    account_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -138,7 +144,15 @@ class Node:
         self.signaling = SignalingClient(
             config.coordinator, "node", config.name, on_control=self._on_control, identity=identity
         )
+        self.auth = SessionAuth(config.coordinator, config.account_token) if config.account_token else None
         self.peers: PeerManager | None = None
+        #: MoE expert serving (engine.node.experts): used only when assigned an expert fragment
+        self.experts = ExpertHost(
+            self.signaling,
+            config.cache_dir,
+            config.device,
+            (self.auth.middleware,) if self.auth is not None else (),
+        )
         #: step frames: contexts we announced to next hops, and those announced to us
         self._frames_out = frames.FrameWriter()
         self._frames_in = frames.FrameReader()
@@ -156,6 +170,10 @@ class Node:
         self._capability: dict[str, dict[str, Any]] = {}
         self._draining = False
         self._stopping = False
+        #: state changes as JSON lines for a local supervisor (``--events-jsonl``); silent by default
+        self.events = EventSink()
+        #: steps a one-node route's ring hands back to this node (kept referenced until done)
+        self._loopback: set[asyncio.Task[None]] = set()
 
     @property
     def peer_id(self) -> str:
@@ -174,9 +192,12 @@ class Node:
         """
         if self.config.threads:
             await torch_thread.run(torch.set_num_threads, self.config.threads)
+        if self.auth is not None:
+            await self.auth.refresh()  # a bad token is a one-line error now
         await self.signaling.connect(self._hello_extra())
         self._start_peers()
         log.info("node %s registered as %s", self.config.name, self.peer_id)
+        self.events.emit("registered", name=self.config.name, peer_id=self.peer_id)
         reporter = asyncio.create_task(self._report_rtts(), name="rtt-report")
         try:
             await self.signaling.serve(
@@ -190,6 +211,7 @@ class Node:
         """Every RTT_REPORT_S, tell the coordinator the round trip to each linked peer and our live sessions."""
         while not self._stopping:
             await asyncio.sleep(RTT_REPORT_S)
+            self.events.sweep()
             if self.peers is None:
                 continue
             rtts = {i.peer_id: i.rtt_ms for i in self.peers.links() if i.sending and i.rtt_ms is not None}
@@ -212,7 +234,7 @@ class Node:
 
     def _hello_extra(self) -> dict[str, Any]:
         """What the hello says besides our name: the span we still hold, if any, and a claimed speed (test knob)."""
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = self.auth.hello() if self.auth is not None else {}
         s = self.serving
         if s is not None:
             extra["hosting"] = {"model_id": s.model_id, "units": list(s.units)}
@@ -235,8 +257,11 @@ class Node:
                 await self.signaling.send({"type": "capability", "model_id": model_id, "capability": known})
             elif self._measure_task is None or self._measure_task.done():
                 self._measure_task = asyncio.create_task(self._measure(data), name="measure")
+        elif kind == "assign_experts" and not self._draining:
+            self.experts.assign(data)
         elif kind == "assign" and not self._draining:
             self._wanted = data
+            self.events.emit("assigned", model_id=data.get("model_id"), units=data.get("units"))
             if self._load_task is None or self._load_task.done():
                 self._load_task = asyncio.create_task(self._load_wanted(), name="load-span")
 
@@ -266,6 +291,7 @@ class Node:
             await self.signaling.send({"type": "capability", "model_id": model_id, "capability": capability})
         except KlusterError as exc:
             log.error("cannot measure this node for %s: %s", model_id, exc)
+            self.events.emit("error", message=f"benchmark failed: {exc}")
             with contextlib.suppress(KlusterError):
                 await self.signaling.send({"type": "failed", "message": f"benchmark failed: {exc}"})
 
@@ -284,7 +310,9 @@ class Node:
                 return
             base = self.signaling.coordinator + str(data.get("files_url", ""))
             folders = []
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600, sock_connect=10)) as http:
+            timeout = aiohttp.ClientTimeout(total=3600, sock_connect=10)
+            middlewares = (self.auth.middleware,) if self.auth is not None else ()  # a fresh session per file
+            async with aiohttp.ClientSession(timeout=timeout, middlewares=middlewares) as http:
                 for m in manifests:
                     folders.append(
                         await fetch_fragment(http, f"{base.rstrip('/')}/{m.name}/", m, self.config.cache_dir)
@@ -300,8 +328,10 @@ class Node:
             self._swap(ServedSpan(model_id, units, manifests, executor))
             await self.signaling.send({"type": "ready", "model_id": model_id, "units": list(units)})
             log.info("serving %s layers %d-%d", model_id, manifests[0].start, manifests[-1].end)
+            self.events.emit("ready", model_id=model_id, layers=[manifests[0].start, manifests[-1].end])
         except (KlusterError, OSError) as exc:
             log.error("cannot host the assigned fragments: %s", exc)
+            self.events.emit("error", message=f"cannot host the assigned fragments: {exc}")
             with contextlib.suppress(KlusterError):
                 await self.signaling.send({"type": "failed", "message": str(exc)})
 
@@ -345,6 +375,13 @@ class Node:
     async def _send(self, item: _Outgoing) -> None:
         if self.peers is None:
             return
+        if item.to == self.peer_id:  # a one-node route's ring: the next step is ours (no link to ourselves)
+            p = item.payload
+            data = p if isinstance(p, bytes) else wire.pack(p.header, p.payload)
+            task = asyncio.create_task(self._on_message(self.peer_id, data), name="loopback-step")
+            self._loopback.add(task)
+            task.add_done_callback(self._loopback.discard)
+            return
         try:
             await self.peers.send(item.to, self._frames_out.builder(item.payload))
         except KlusterError as exc:
@@ -361,6 +398,8 @@ class Node:
         except ProtocolError as exc:
             log.warning("malformed message from %s: %s", sender, exc)
             return [self._error_to(sender, exc, None, None)]
+        if isinstance(msg, wire.ExpertForward):  # MoE: stateless expert rows (engine.node.experts)
+            return [_Outgoing(sender, self.experts.handle(sender, self.peer_id, msg, len(data)))]
         if isinstance(msg, wire.Forward):
             try:
                 return self._forward(msg, queued)
@@ -368,6 +407,7 @@ class Node:
                 log.warning("step %s of session %s failed: %s", msg.step, msg.session, exc)
                 return [self._error_to(msg.reply_to, exc, msg.session, msg.step)]
         if isinstance(msg, wire.Close):
+            self.events.session_closed(msg.session)
             self._frames_in.forget_session(msg.session)
             self._frames_out.forget_session(msg.session)
             for span in (self.serving, self._retiring):
@@ -421,6 +461,7 @@ class Node:
             frozenset(msg.skip),
             msg.verify,
         )
+        self.events.step(msg.session, int(msg.tensor.shape[0]), span.model_id, (hop.start, hop.end))
         if self.config.throttle > 1.0:
             throttle_pause(out.compute_ms / 1000, self.config.throttle)
             out = replace(out, compute_ms=out.compute_ms * self.config.throttle)
@@ -456,6 +497,7 @@ class Node:
         here gets ``session_lost`` and fails over, so no request fails.
         """
         log.info("draining: finishing live sessions (at most %.0f s)", timeout_s)
+        self.events.emit("draining", sessions=self.events.live_sessions())
         self._draining = True
         for span in self._spans():
             span.executor.draining = True
@@ -464,6 +506,7 @@ class Node:
         deadline = time.monotonic() + timeout_s
         while any(s.executor.active_sessions() for s in self._spans()) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
+        self.events.emit("drained", sessions_left=sum(s.executor.active_sessions() for s in self._spans()))
         await self.shutdown()
 
     async def shutdown(self) -> None:
@@ -479,4 +522,7 @@ class Node:
             await self.peers.shutdown()
         for span in self._spans():
             await span.executor.shutdown()
+        await self.experts.shutdown()
         await self.signaling.shutdown()
+        if self.auth is not None:
+            await self.auth.close()

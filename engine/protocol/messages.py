@@ -127,8 +127,51 @@ class ErrorReply:
     failed_peer: str | None = None
 
 
-Message = Forward | Token | Close | ErrorReply
-_TYPES: dict[str, type] = {"forward": Forward, "token": Token, "close": Close, "error": ErrorReply}
+@dataclass(frozen=True)
+class ExpertForward:
+    """Token rows for some routed experts of one MoE layer, all held by the receiving expert node.
+
+    Experts keep no state, so this is a pure request: rows in, each expert's outputs back
+    (``ExpertResult``). The tensor holds ``counts[i]`` rows for ``experts[i]``, back to back in
+    that order; only the rows routed to those experts travel (``engine.client.experts``).
+    """
+
+    #: the sender's id for this exchange (unique per sender); the result echoes it
+    request: int
+    #: absolute layer index
+    layer: int
+    #: ascending, distinct expert indices of ``layer``
+    experts: tuple[int, ...]
+    #: rows per expert (each >= 1), in the order of ``experts``
+    counts: tuple[int, ...]
+    tensor: torch.Tensor | None = field(default=None, compare=False)
+    #: how the rows (and the result) travel (``engine.protocol.codec``)
+    codec: str = codec_mod.DEFAULT_CODEC
+
+
+@dataclass(frozen=True)
+class ExpertResult:
+    """Each expert's outputs for the rows of an ``ExpertForward``, in the same order and counts."""
+
+    request: int
+    layer: int
+    experts: tuple[int, ...]
+    counts: tuple[int, ...]
+    #: what the expert node spent computing
+    compute_ms: float = 0.0
+    tensor: torch.Tensor | None = field(default=None, compare=False)
+    codec: str = codec_mod.DEFAULT_CODEC
+
+
+Message = Forward | Token | Close | ErrorReply | ExpertForward | ExpertResult
+_TYPES: dict[str, type] = {
+    "forward": Forward,
+    "token": Token,
+    "close": Close,
+    "error": ErrorReply,
+    "expert_forward": ExpertForward,
+    "expert_result": ExpertResult,
+}
 _TYPE_NAMES = {v: k for k, v in _TYPES.items()}
 
 
@@ -271,16 +314,45 @@ def _tensor(desc: Any, payload: memoryview, max_elements: int) -> torch.Tensor:
     return codec_mod.decode(desc, payload, "cpu", max_elements=max_elements)
 
 
+#: most experts one layer may name in an expert message (DeepSeek-V3 has 256 per layer)
+MAX_EXPERTS = 4096
+
+
+def _expert_message(
+    kind: type, h: dict[str, Any], tensor_desc: Any, payload: memoryview, max_elements: int
+) -> ExpertForward | ExpertResult:
+    """An ``ExpertForward`` or ``ExpertResult``: experts ascending, counts matching the tensor's rows."""
+    if tensor_desc is None:
+        raise _fail("expert message without a tensor")
+    experts = _ids(h["experts"], "experts", MAX_EXPERTS, 1_000_000)
+    counts = _ids(h["counts"], "counts", MAX_EXPERTS, 10_000_000)
+    if not experts or len(counts) != len(experts) or min(counts) < 1:
+        raise _fail("'experts' and 'counts' must be equally long, non-empty, with counts >= 1")
+    if list(experts) != sorted(set(experts)):
+        raise _fail("'experts' must be ascending and distinct")
+    tensor = _tensor(tensor_desc, payload, max_elements)
+    if tensor.dim() != 2 or tensor.shape[0] != sum(counts) or not tensor.is_floating_point():
+        raise _fail(f"expert rows must be a float [{sum(counts)}, hidden] tensor, got {list(tensor.shape)}")
+    common: dict[str, Any] = dict(
+        request=_int(h["request"], "request"),
+        layer=_int(h["layer"], "layer", 0, 1_000_000),
+        experts=experts,
+        counts=counts,
+        tensor=tensor,
+        codec=_codec(h.get("codec", codec_mod.DEFAULT_CODEC)),
+    )
+    if kind is ExpertResult:
+        return ExpertResult(**common, compute_ms=_float(h.get("compute_ms", 0.0), "compute_ms"))
+    return ExpertForward(**common)
+
+
 def decode(data: bytes | bytearray | memoryview, *, max_elements: int = MAX_TENSOR_ELEMENTS) -> Message:
     """Parse one whole message; anything malformed raises ``ProtocolError`` with a one-line reason."""
     return decode_with_tensor(data, max_elements=max_elements)[0]
 
 
-def decode_with_tensor(
-    data: bytes | bytearray | memoryview, *, max_elements: int = MAX_TENSOR_ELEMENTS
-) -> tuple[Message, dict[str, Any] | None]:
-    """``decode``, plus the (validated) tensor description of the header, if any."""
-    view = memoryview(data)
+def _header(view: memoryview) -> tuple[dict[str, Any], int]:
+    """The JSON header object of a full message and its length in bytes (fields not yet validated)."""
     if len(view) < _PREFIX.size:
         raise _fail("shorter than its prefix")
     magic, version, head_len = _PREFIX.unpack_from(view)
@@ -296,6 +368,24 @@ def decode_with_tensor(
         raise _fail("header is not valid JSON") from None
     if not isinstance(header, dict):
         raise _fail("header is not an object")
+    return header, head_len
+
+
+def peek_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """A full message's header, unvalidated and without touching its tensor.
+
+    For routing a message to the thread that decodes it (torch work stays on the torch thread);
+    the message must still go through ``decode`` before anything in it is trusted.
+    """
+    return _header(memoryview(data))[0]
+
+
+def decode_with_tensor(
+    data: bytes | bytearray | memoryview, *, max_elements: int = MAX_TENSOR_ELEMENTS
+) -> tuple[Message, dict[str, Any] | None]:
+    """``decode``, plus the (validated) tensor description of the header, if any."""
+    view = memoryview(data)
+    header, head_len = _header(view)
     kind = _TYPES.get(header.pop("type", None)) if isinstance(header.get("type"), str) else None
     if kind is None:
         raise _fail(f"unknown message type {header.get('type')!r}")
@@ -331,6 +421,8 @@ def decode_with_tensor(
                 verify=_bool(h.get("verify", False), "verify"),
             )
             return msg, tensor_desc
+        if kind is ExpertForward or kind is ExpertResult:
+            return _expert_message(kind, h, tensor_desc, payload, max_elements), tensor_desc
         if tensor_desc is not None or len(payload):
             raise _fail("unexpected tensor payload")
         if kind is Token:

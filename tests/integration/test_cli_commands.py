@@ -58,7 +58,8 @@ def test_demo_serve_stops_every_process_on_ctrl_c(session_root: Path) -> None:
         line = proc.stdout.readline()
         serving = json.loads(line)
         assert serving["event"] == "serving" and serving["coordinator"].startswith("http://127.0.0.1:")
-        assert len(_children_of_session(session_root)) == 3  # coordinator + 2 nodes
+        assert serving["spare"] == 1  # --serve keeps one spare node for failovers
+        assert len(_children_of_session(session_root)) == 4  # coordinator + 2 nodes + the spare
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
     finally:

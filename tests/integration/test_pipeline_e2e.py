@@ -213,3 +213,43 @@ def test_decode_steps_travel_as_small_step_frames(cluster3: LocalCluster, smollm
         assert 642 < per_step <= 642 + 24, per_step  # int8 payload (576 codes + side data) + a small header
     last = route[2]  # the ring: sampled token ids back to the first hop
     assert after[last]["step"] - before[last]["step"] >= 22
+
+
+def test_one_node_route_runs_its_ring_through_itself(
+    smollm2_dir: Path, session_root: Path, start_cluster_from: object
+) -> None:
+    """A lone node holding the whole model: ring mode hands each next step back to itself."""
+    from engine.fragments.pack import pack_model
+
+    pack = session_root / "pack1"
+    if not pack.exists():
+        pack_model(smollm2_dir, pack, 1, model_id="smollm2-135m", progress=False)
+    cluster = start_cluster_from(pack, session_root / "one-node", 1)  # type: ignore[operator]
+    try:
+        tokenizer = ModelTokenizer(smollm2_dir)
+        request = _requests(tokenizer, SamplingParams(), n=24)[0]
+
+        async def run() -> tuple[list[int], list[int]]:
+            local = LocalPipeline(await asyncio.to_thread(load_model, smollm2_dir))
+            remote = RemotePipeline(cluster.url, "smollm2-135m")
+            try:
+                await remote.start()
+                assert [(h.start, h.end) for h in remote.route] == [(0, 30)]
+                kinds: list[str] = []
+                got: list[int] = []
+                async for ev in generate_events(remote, tokenizer, request):
+                    kinds.append(ev["event"])
+                    if ev["event"] == "done":
+                        got = list(ev["token_ids"])
+                # without the loopback the ring's second step stalls until a failover replays it
+                assert "failover" not in kinds
+                return await _tokens(local, request, tokenizer), got
+            finally:
+                await remote.shutdown()
+                await local.shutdown()
+
+        want, got = asyncio.run(run())
+        assert len(want) == 24
+        assert got == want
+    finally:
+        cluster.stop()
