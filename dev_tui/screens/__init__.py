@@ -1,0 +1,1 @@
+"""One module per view: overview, jobs list, nodes table (tabs), launch form, job detail, help."""

@@ -1,0 +1,1 @@
+"""Reusable widgets: the route chain, and a helper that refreshes tables without losing the cursor."""
