@@ -35,7 +35,8 @@ from engine.fragments.executor import FragmentExecutor
 from engine.models.llama import FragmentModel
 from engine.models.sampling import SamplingParams
 
-#: drafted tokens per round: under the WAN harness 2 beat 4 (1.08-1.10x vs 0.91x over dense; SmolLM2, 3 layers skipped)
+#: drafted tokens per round: under the WAN harness 2 beat 4 (1.08-1.10x vs 0.91x over dense; SmolLM2, 3 layers
+#: skipped); 1.24x once the client's draft model stopped starting a second OpenMP team (torch_thread)
 DEFAULT_DRAFT_TOKENS = 2
 
 
