@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 DEFAULT_PORT = 8765
 DEFAULT_SESSION_TTL_S = 600.0
 ACCOUNTS_FILE = "accounts.sqlite3"
+LEDGER_FILE = "ledger.sqlite3"
 
 
 def register(sub: Any) -> None:
@@ -115,6 +116,27 @@ def register(sub: Any) -> None:
         default="20:200",
         metavar="RATE:BURST",
         help="authenticated requests per second and burst allowed per account, or 'off' (default 20:200)",
+    )
+    c.add_argument(
+        "--ledger",
+        default=None,
+        metavar="PATH",
+        help="SQLite ledger of earnings and spend (default: ledger.sqlite3 beside the --db file; ':memory:')",
+    )
+    c.add_argument(
+        "--prices",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help='JSON {"<model id>": price, ...}: integer micro-units per million tokens per model',
+    )
+    c.add_argument(
+        "--price-per-mtok",
+        type=int,
+        default=None,
+        metavar="MICRO",
+        help="price of models --prices does not name, in micro-units per million tokens "
+        "(default 200000, i.e. 0.20 per million tokens)",
     )
     c.set_defaults(handler=run_coordinator, default_loglevel="INFO")
     _register_accounts(c)
@@ -312,6 +334,19 @@ def _auth_options(args: argparse.Namespace, db: str) -> dict[str, Any]:
     }
 
 
+def _ledger_options(args: argparse.Namespace, db: str) -> dict[str, Any]:
+    """--ledger/--prices/--price-per-mtok -> CoordinatorConfig fields."""
+    from engine.coordinator.billing import DEFAULT_PRICE_PER_MTOK, load_pricing
+
+    default = DEFAULT_PRICE_PER_MTOK if args.price_per_mtok is None else args.price_per_mtok
+    if default < 0:
+        raise ConfigError(f"--price-per-mtok must be a non-negative integer, got {default}")
+    ledger = args.ledger
+    if ledger is None:  # beside the registry, like the accounts file
+        ledger = str((paths.data_dir() if db == ":memory:" else Path(db).parent) / LEDGER_FILE)
+    return {"ledger_path": ledger, "pricing": load_pricing(args.prices, default)}
+
+
 def run_coordinator(args: argparse.Namespace) -> int:
     from engine.coordinator.app import Coordinator, CoordinatorConfig
 
@@ -333,6 +368,7 @@ def run_coordinator(args: argparse.Namespace) -> int:
         ice_servers=ice_servers,
         turn=turn,
         **_auth_options(args, db),
+        **_ledger_options(args, db),
     )
     coordinator = Coordinator(config)
 

@@ -23,6 +23,7 @@ import aiohttp
 import torch
 
 from engine.client.generation import StepResult
+from engine.client.receipts import Countersigner
 from engine.coordinator.auth import SessionAuth
 from engine.errors import (
     ConfigError,
@@ -99,6 +100,11 @@ _HTTP_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=10)
 #: ever: the failure may have been ours (our own network dropped), and a node that is truly gone
 #: is not offered by the coordinator anyway.
 EXCLUDE_S = 10.0
+#: At shutdown, the hops' receipts for work since the last receipt (signed when sessions close)
+#: are still on their way: wait until every hop sent one, or none came for RECEIPT_QUIET_S, at
+#: most RECEIPT_WAIT_S, so a short generation does not leave its work unpaid.
+RECEIPT_QUIET_S = 0.5
+RECEIPT_WAIT_S = 3.0
 
 #: errors after which the route is replaced and the session replayed on the new one
 _FAILOVER_ERRORS = (PeerError, TransportError, SessionLostError, FragmentError)
@@ -150,6 +156,14 @@ class RemotePipeline:
         self.auth = auth
         self.peers: PeerManager | None = None
         self.route: list[RouteHop] = []
+        #: the job the coordinator assigned the current route under ("" from a coordinator without billing)
+        self.job = ""
+        #: countersigns the route's work receipts (engine.client.receipts)
+        self.receipts = Countersigner(self.signaling.identity)
+        #: when we last closed a session, and which hops sent a receipt since (see RECEIPT_QUIET_S)
+        self._closed_at: float | None = None
+        self._receipted_since_close: set[str] = set()
+        self._last_receipt_at = 0.0
         self._pending: dict[tuple[str, int], asyncio.Future[wire.Token]] = {}
         self._arrived: dict[tuple[str, int], tuple[wire.Token | KlusterError, float]] = {}
         #: step frames for the forwards we send to first hops
@@ -227,7 +241,7 @@ class RemotePipeline:
             self._deliver(key, error)
 
     async def _fetch_route(self) -> list[RouteHop]:
-        params = {"model": self.model_id}
+        params = {"model": self.model_id, "client": self.signaling.peer_id}
         if self.activation < 1.0:
             params["activation"] = f"{self.activation:g}"
         now = time.monotonic()
@@ -240,12 +254,23 @@ class RemotePipeline:
             budget = body.get("budget")
             self.skip = tuple(int(i) for i in budget["skip"]) if isinstance(budget, dict) else ()
             self.budget = budget if isinstance(budget, dict) else None
+            self.job = str(body.get("job") or "")
+            if self.job:
+                self.receipts.job_started(self.job, self.model_id, {h.peer_id: (h.start, h.end) for h in route})
             return route
         except (KeyError, TypeError, ValueError):
             raise CoordinatorError("coordinator sent a malformed route") from None
 
     async def _on_control(self, data: dict[str, Any]) -> None:
         """Coordinator notices: a node of our route that left fails its waiting steps at once."""
+        if data.get("type") == "receipt":  # a hop's work receipt, relayed: countersign it if we asked for it
+            signed = self.receipts.consider(data.get("receipt"))
+            self._last_receipt_at = time.monotonic()
+            if signed is not None:
+                self._receipted_since_close.add(signed.receipt.supplier)
+                with contextlib.suppress(KlusterError):
+                    await self.signaling.send({"type": "countersigned", "receipt": signed.to_json()})
+            return
         if data.get("type") == "node_ready":  # back after a blip, or new: it may be routed through again
             self._excluded.pop(str(data.get("peer_id")), None)
             self._gone.pop(str(data.get("peer_id")), None)
@@ -463,8 +488,10 @@ class RemotePipeline:
                 self.codec,
                 skip=self.skip,
                 verify=verify,
+                job=self.job,
             )
             state.ring_left = ring + 1
+            self.receipts.requested(self.job, len(feed) + ring)
         arrived = self._arrived.pop(key, None)
         if arrived is not None:
             outcome, arrival = arrived
@@ -540,9 +567,25 @@ class RemotePipeline:
             return
         with contextlib.suppress(KlusterError):
             await self.peers.send(self.route[0].peer_id, wire.encode(wire.Close(state.wire_id, self._hops(), 0)))
+            self._closed_at = time.monotonic()
+            self._receipted_since_close.clear()
+
+    async def _await_receipts(self) -> None:
+        """Give the receipts the hops sign on session close time to arrive (see RECEIPT_QUIET_S)."""
+        if self._closed_at is None or not self.job:
+            return
+        hops = {h.peer_id for h in self.route}
+        while not hops <= self._receipted_since_close:
+            now = time.monotonic()
+            if now - self._closed_at > RECEIPT_WAIT_S:
+                break
+            if now - max(self._closed_at, self._last_receipt_at) > RECEIPT_QUIET_S:
+                break
+            await asyncio.sleep(0.02)
 
     async def shutdown(self) -> None:
         self._stopping = True
+        await self._await_receipts()
         if self.peers is not None:
             await self.peers.shutdown()
         await self.signaling.shutdown()

@@ -60,8 +60,9 @@ from aiohttp import web
 
 from engine import __version__
 from engine.coordinator import events
-from engine.coordinator.accounts import AccountStore
-from engine.coordinator.auth import CLOSE_UNAUTHORIZED, DEFAULT_TTL_S, SESSION_PATH, AuthGate
+from engine.coordinator.accounts import ADMIN, AccountStore
+from engine.coordinator.auth import ACCOUNT, CLOSE_UNAUTHORIZED, DEFAULT_TTL_S, SESSION_PATH, AuthGate, ForbiddenError
+from engine.coordinator.billing import DEFAULT_PRICE_PER_MTOK, Billing, Hop, new_job_id
 from engine.coordinator.events import EventHub
 from engine.coordinator.experts import NODE_MESSAGES as EXPERT_MESSAGES
 from engine.coordinator.experts import ExpertBoard
@@ -70,10 +71,13 @@ from engine.coordinator.placer import Measurement, Placer
 from engine.coordinator.ratelimit import RateLimits
 from engine.coordinator.registry import NodeRow, Registry
 from engine.coordinator.turn import TurnConfig
-from engine.errors import ConfigError, FragmentError, IdentityError, KlusterError, NoRouteError
+from engine.errors import ConfigError, CoordinatorError, FragmentError, IdentityError, KlusterError, NoRouteError
 from engine.fragments.manifest import CONFIG, WEIGHTS
 from engine.fragments.pack import TOKENIZER_FILES
 from engine.fragments.store import Pack, read_pack
+from engine.ledger.chain import Kind
+from engine.ledger.pricing import Pricing
+from engine.ledger.store import Ledger, LedgerError
 from engine.models.config import ModelConfig, parse_config
 from engine.protocol import frames
 from engine.scheduler import activation as activation_plan
@@ -133,6 +137,10 @@ class CoordinatorConfig:
     #: ... and no node is still measuring (nodes starting together are planned together), but
     #: never later than this after the first unplanned event
     placement_max_wait_s: float = 20.0
+    #: SQLite file of the ledger (``engine.ledger.store``); ":memory:" keeps nothing after exit
+    ledger_path: str = ":memory:"
+    #: what a unit of work is worth, per model (``engine.ledger.pricing``)
+    pricing: Pricing = field(default_factory=lambda: Pricing(default=DEFAULT_PRICE_PER_MTOK))
     #: no placement this soon after start: after a coordinator restart the nodes reconnect with
     #: what they hold, and none should be moved to cover for one that is merely slower to return
     placement_grace_s: float = 5.0
@@ -254,6 +262,15 @@ class Coordinator:
         )
         #: node -> the account it registered under (auth on), for earnings
         self._node_accounts: dict[str, str] = {}
+        #: client -> the developer account of its hello (auth on): only it may take routes for it
+        self._client_accounts: dict[str, str] = {}
+        #: work receipts -> ledger (engine.coordinator.billing)
+        self.billing = Billing(
+            Ledger(config.ledger_path),
+            config.pricing,
+            self.events,
+            supplier_account=lambda peer: self._node_accounts.get(peer, peer),
+        )
         self._runner: web.AppRunner | None = None
         self._closed = False
 
@@ -285,6 +302,8 @@ class Coordinator:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/nodes", self._nodes)
         app.router.add_get("/v1/route", self._route)
+        app.router.add_get("/v1/earnings", self._earnings)
+        app.router.add_get("/v1/spend", self._spend)
         app.router.add_get("/v1/models/{model}/fragments/{fragment}/{file}", self._fragment_file)
         app.router.add_get("/v1/models/{model}/tokenizer/{file}", self._tokenizer_file)
         app.router.add_get("/v1/ws", self._ws)
@@ -414,7 +433,73 @@ class Coordinator:
         }
         if budget:
             body["budget"] = {**budget, "hops": len(body["route"]), "full_hops": len(route)}
+        if "client" in request.query:
+            try:
+                body["job"] = self._assign_route(request, model_id, body["route"])
+            except ForbiddenError as exc:
+                return _error(403, exc)
+            except ConfigError as exc:
+                return _error(400, exc)
+            except CoordinatorError as exc:
+                return _error(503, exc)
         return web.json_response(body)
+
+    def _assign_route(self, request: web.Request, model_id: str, hops: list[dict[str, Any]]) -> str:
+        """Mint the route's job id and record each hop's assignment (the only work receipts can earn for).
+
+        ``client`` must be a connected client and, with auth on, one of the requesting account;
+        the developer billed is that account, else ``tenant``, else the client's peer id.
+        """
+        client = request.query["client"]
+        if self._roles.get(client) != "client":  # e.g. reconnecting after a blip: the client retries
+            raise CoordinatorError(f"client {client!r} is not connected to this coordinator")
+        claims = request.get(ACCOUNT)
+        if claims is not None:
+            if claims.role != ADMIN and self._client_accounts.get(client) != claims.sub:
+                raise ForbiddenError(f"client {client} is not one of account '{claims.sub}'")
+            developer = claims.sub
+        else:
+            developer = request.query.get("tenant", "")[:128]
+        job = new_job_id(request.query.get("job", "")[:64])
+        raw_tokens = request.query.get("tokens")
+        extra: dict[str, Any] = {}
+        if raw_tokens is not None:
+            if not raw_tokens.isdigit() or not 0 < int(raw_tokens) <= 10_000_000:
+                raise ConfigError(f"tokens must be an integer in 1..10000000, got {raw_tokens!r}")
+            extra["max_tokens"] = int(raw_tokens)
+        pack = self.packs[model_id]
+        self.billing.assign(
+            job,
+            client=client,
+            developer=developer,
+            model=model_id,
+            model_layers=pack.num_layers,
+            hops=[Hop(h["peer_id"], pack.manifests[h["index"]].name, (h["start"], h["end"])) for h in hops],
+            **extra,
+        )
+        return job
+
+    async def _earnings(self, request: web.Request) -> web.Response:
+        """``GET /v1/earnings``: a supplier's credits (its own account with auth on, else ``?account=``)."""
+        return await self._statement(request, Kind.CREDIT)
+
+    async def _spend(self, request: web.Request) -> web.Response:
+        """``GET /v1/spend``: a developer's debits, same shape as ``/v1/earnings``."""
+        return await self._statement(request, Kind.DEBIT)
+
+    async def _statement(self, request: web.Request, kind: Kind) -> web.Response:
+        claims = request.get(ACCOUNT)
+        named = request.query.get("account", "")
+        if claims is not None and (claims.role != ADMIN or not named):
+            account = claims.sub  # an account sees only its own statement; an admin may name any
+        elif named:
+            account = named[:256]
+        else:
+            return _error(400, "name the account: ?account=<supplier peer id or developer name> (auth is off)")
+        try:
+            return web.json_response(await self.billing.statement(account, kind))
+        except LedgerError as exc:
+            return _error(500, exc)
 
     def _budget(self, model_id: str, raw: str | None) -> dict[str, Any] | None:
         """The layers a request's activation budget skips (None: the whole model runs)."""
@@ -494,6 +579,8 @@ class Coordinator:
         peer_id = peer_id_for(role[0], public_key)
         if account is not None and role == "node":
             self._record_account(peer_id, name, account)
+        elif account is not None:
+            self._client_accounts[peer_id] = account
         await self._take_over(peer_id, name)
         resumed = peer_id in self._known
         if role == "node":
@@ -740,6 +827,10 @@ class Coordinator:
             if isinstance(sessions, int) and not isinstance(sessions, bool) and 0 <= sessions < 1_000_000:
                 self._sessions[peer_id] = sessions
             self._frames[peer_id] = _clean_counts(data.get("frames"), frames.COUNTERS)
+        elif kind == "receipt" and role == "node":
+            await self._relay_receipt(peer_id, data.get("receipt"))
+        elif kind == "countersigned" and role == "client":
+            await self._credit(peer_id, ws, data.get("receipt"))
         elif kind in EXPERT_MESSAGES and role == "node":
             self.moe.on_message(peer_id, data)
         elif kind == "draining" and role == "node":
@@ -755,6 +846,44 @@ class Coordinator:
             log.warning("node %s failed to load its assignment: %s", peer_id, str(data.get("message"))[:300])
         else:
             self.registry.touch(peer_id)
+
+    async def _relay_receipt(self, node: str, text: Any) -> None:
+        """A node's signed receipt goes to its job's client to countersign (if the job was assigned to it)."""
+        try:
+            receipt = json.loads(text)["receipt"] if isinstance(text, str) else None
+            job, supplier = str(receipt["job_id"]), str(receipt["supplier"])
+        except (ValueError, TypeError, KeyError):
+            log.info("node %s sent a malformed receipt; dropped", node)
+            return
+        client = self.billing.client_of(job, supplier) if supplier == node else None
+        target = None if client is None else self._sockets.get(client)
+        if target is None or target.closed:
+            log.info("receipt of %s for job %s has no client to countersign it; dropped", node, job)
+            return
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await target.send_json({"type": "receipt", "receipt": text})
+
+    async def _credit(self, client: str, ws: web.WebSocketResponse, text: Any) -> None:
+        """A countersigned receipt: credit it (or not) and tell the sender the verdict."""
+        try:
+            decision = await self.billing.submit_json(text)
+        except LedgerError as exc:
+            decision = f"the ledger could not record it: {exc}"
+        if isinstance(decision, str):
+            reply: dict[str, Any] = {"type": "credit", "ok": False, "reject": "bad_receipt", "detail": decision}
+        else:
+            reply = {
+                "type": "credit",
+                "ok": decision.ok,
+                "job_id": decision.job_id,
+                "supplier": decision.supplier,
+                "units": decision.units,
+                "reject": None if decision.reject is None else decision.reject.value,
+                "detail": decision.detail,
+            }
+        log.debug("receipt from client %s: %s", client, reply)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await ws.send_json(reply)
 
     # ------------------------------------------------------------- lifecycle
 
@@ -789,5 +918,6 @@ class Coordinator:
         if self._runner is not None:
             await self._runner.cleanup()
         self.registry.close()
+        self.billing.close()
         if self.accounts is not None:
             self.accounts.close()

@@ -304,6 +304,8 @@ _ACCESS: tuple[tuple[str, frozenset[str] | None], ...] = (
     ("/v1/route", frozenset({DEVELOPER, ADMIN})),
     ("/v1/jobs", frozenset({DEVELOPER, ADMIN})),
     ("/v1/events", frozenset({DEVELOPER, ADMIN})),
+    ("/v1/earnings", frozenset({SUPPLIER, ADMIN})),
+    ("/v1/spend", frozenset({DEVELOPER, ADMIN})),
 )
 #: Anything else (models, nodes, fragment and tokenizer files): any account.
 _ANY = frozenset(ROLES)

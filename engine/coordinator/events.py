@@ -26,11 +26,24 @@ NODE_JOINED = "node.joined"
 NODE_LEFT = "node.left"
 NODE_READY = "node.ready"
 NODE_DRAINING = "node.draining"
+#: a countersigned work receipt was credited (``engine.coordinator.billing``): earnings changed
+LEDGER_CREDIT = "ledger.credit"
 #: sent to one subscriber only, before its next event, when its buffer overflowed
 STREAM_DROPPED = "stream.dropped"
 
 KINDS = frozenset(
-    {JOB_QUEUED, JOB_STARTED, JOB_DONE, JOB_FAILED, JOB_CANCELLED, NODE_JOINED, NODE_LEFT, NODE_READY, NODE_DRAINING}
+    {
+        JOB_QUEUED,
+        JOB_STARTED,
+        JOB_DONE,
+        JOB_FAILED,
+        JOB_CANCELLED,
+        NODE_JOINED,
+        NODE_LEFT,
+        NODE_READY,
+        NODE_DRAINING,
+        LEDGER_CREDIT,
+    }
 )
 
 Event = dict[str, Any]

@@ -29,12 +29,14 @@ from engine.fragments import torch_thread
 from engine.fragments.executor import ExecutorConfig, FragmentExecutor
 from engine.fragments.manifest import Manifest, parse_manifest
 from engine.fragments.store import load_span
+from engine.ledger.receipts import SignedReceipt
 from engine.models.config import parse_config
 from engine.models.sampling import SamplingParams
 from engine.node.capability import capability_report_async, default_memory_bytes, throttle_pause
 from engine.node.events import EventSink
 from engine.node.experts import ExpertHost
 from engine.node.fetch import fetch_fragment
+from engine.node.receipts import ReceiptKeeper, tensor_bytes
 from engine.protocol import frames
 from engine.protocol import messages as wire
 from engine.transport.identity import Identity, default_node_identity_path
@@ -174,6 +176,9 @@ class Node:
         self.events = EventSink()
         #: steps a one-node route's ring hands back to this node (kept referenced until done)
         self._loopback: set[asyncio.Task[None]] = set()
+        #: work receipts (engine.node.receipts): signed on the torch thread, sent from the loop
+        self.receipts = ReceiptKeeper(identity, identity.peer_id("n"))
+        self._unsent_receipts: list[SignedReceipt] = []
 
     @property
     def peer_id(self) -> str:
@@ -371,6 +376,14 @@ class Node:
         outgoing = await torch_thread.run(self._handle, sender, data, time.perf_counter())
         for item in outgoing:
             await self._send(item)
+        await self._send_receipts()
+
+    async def _send_receipts(self) -> None:
+        """Hand signed work receipts to the coordinator (offline: dropped, the next one's cumulative covers it)."""
+        while self._unsent_receipts:
+            signed = self._unsent_receipts.pop(0)
+            with contextlib.suppress(KlusterError):
+                await self.signaling.send({"type": "receipt", "receipt": signed.to_json()})
 
     async def _send(self, item: _Outgoing) -> None:
         if self.peers is None:
@@ -410,6 +423,7 @@ class Node:
             self.events.session_closed(msg.session)
             self._frames_in.forget_session(msg.session)
             self._frames_out.forget_session(msg.session)
+            self._keep_receipt(self.receipts.session_closed(msg.session))
             for span in (self.serving, self._retiring):
                 if span is not None:
                     span.executor.close_session(msg.session)
@@ -462,6 +476,9 @@ class Node:
             msg.verify,
         )
         self.events.step(msg.session, int(msg.tensor.shape[0]), span.model_id, (hop.start, hop.end))
+        if msg.job:
+            sampled = torch.tensor(out.tokens or [out.token_id or 0], dtype=torch.int64)
+            self._receipt_for(msg, span, out.hidden if out.hidden is not None and out.token_id is None else sampled)
         if self.config.throttle > 1.0:
             throttle_pause(out.compute_ms / 1000, self.config.throttle)
             out = replace(out, compute_ms=out.compute_ms * self.config.throttle)
@@ -486,6 +503,28 @@ class Node:
             tensor=torch.tensor([out.token_id], dtype=torch.int64),
         )
         return [_Outgoing(msg.route[0].peer, frames.prepare(again), msg.reply_to, msg.session, msg.step + 1), reply]
+
+    def _receipt_for(self, msg: wire.Forward, span: ServedSpan, output: torch.Tensor) -> None:
+        """Count this step's work for the job's receipts (torch thread; a due receipt is sent from the loop)."""
+        hop = msg.route[msg.hop]
+        fragment = next((m for m in span.manifests if m.start <= hop.start < m.end), span.manifests[0])
+        tensor = msg.tensor if msg.tensor is not None else torch.empty(0)
+        self._keep_receipt(
+            self.receipts.record(
+                msg.job,
+                msg.session,
+                model=span.model_id,
+                fragment_id=fragment.name,
+                layers=(hop.start, hop.end),
+                tokens=int(tensor.shape[0]),
+                input_bytes=tensor_bytes(tensor),
+                output_bytes=tensor_bytes(output),
+            )
+        )
+
+    def _keep_receipt(self, signed: SignedReceipt | None) -> None:
+        if signed is not None:
+            self._unsent_receipts.append(signed)
 
     def _spans(self) -> list[ServedSpan]:
         return [s for s in (self.serving, self._retiring) if s is not None]

@@ -90,6 +90,9 @@ class Forward:
     #: a self-speculative check: the step may rewind to an earlier position, and the last hop
     #: answers with the greedy token after every position (``Token.tokens``)
     verify: bool = False
+    #: the job the coordinator assigned this route under (its route answer's ``job``): hops sign
+    #: work receipts for it (``engine.node.receipts``); empty: no receipts (older clients)
+    job: str = ""
 
 
 @dataclass(frozen=True)
@@ -419,6 +422,7 @@ def decode_with_tensor(
                 ctx=_int(h.get("ctx", 0), "ctx", 0, 2**62),
                 skip=_ids(h.get("skip", []), "skip", 4096, 1_000_000),
                 verify=_bool(h.get("verify", False), "verify"),
+                job=_str(h.get("job", ""), "job", 128),
             )
             return msg, tensor_desc
         if kind is ExpertForward or kind is ExpertResult:

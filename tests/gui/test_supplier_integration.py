@@ -3,10 +3,9 @@
 As a new supplier would: sign in with a supplier token (no keyring here: the 0600 file), tick
 Share GPU in the tray menu, and the node registers and becomes ready; a developer's ``kluster
 generate`` runs through it; unticking mid-generation drains the node, and the generation still
-completes. One other supplier's node serves part of the model too: a route through a single node
-does not work in the engine yet (its ring step would need a link to itself), and a grid has more
-than one supplier anyway. Earnings: the coordinator has no ``/v1/earnings`` yet, so the dashboard must say so
-(once it has, the figures must show instead).
+completes. One other supplier's node serves part of the model too, so that the route crosses
+suppliers. Earnings: the node signs work receipts, the developer's client countersigns them and the
+coordinator credits them to the supplier's account; the dashboard's total must rise after the job.
 """
 
 from __future__ import annotations
@@ -134,11 +133,10 @@ def test_share_serve_and_drain_with_a_real_node(
         qtbot.waitUntil(routed, timeout=60_000)
         assert "alice-box" in [hop["name"] for hop in developer.get_json("/v1/route?model=smollm2-135m")["route"]]
 
-        # the dashboard shows the earnings, or says plainly that this coordinator has none
-        qtbot.waitUntil(lambda: app.earnings is not None or "not available" in app.earnings_message, timeout=10_000)
-        if app.earnings is None:
-            app.open_dashboard()
-            assert app.dashboard.earnings_message.text() == "earnings not available from this coordinator"
+        # the coordinator's ledger answers for this supplier: nothing earned yet
+        qtbot.waitUntil(lambda: app.earnings is not None, timeout=10_000)
+        assert app.earnings is not None and app.earnings.account == "alice"
+        earned_before = app.earnings.total.amount
 
         env = dict(os.environ, KLUSTER_TOKEN=developer_token, KLUSTER_LOGLEVEL="WARNING")
         gen = subprocess.Popen(
@@ -166,6 +164,12 @@ def test_share_serve_and_drain_with_a_real_node(
         qtbot.waitUntil(lambda: "done" in out.events(), timeout=5_000)
         done = next(e for e in out.lines if e["event"] == "done")
         assert done["stats"]["generated_tokens"] > 1 and "failover" not in out.events()
+        # the node's signed, client-countersigned receipts were credited: the dashboard shows the rise
+        # within a few refreshes (refresh_s=1) of the generation's end
+        qtbot.waitUntil(lambda: app.earnings is not None and app.earnings.total.amount > earned_before, timeout=5_000)
+        app.open_dashboard()
+        qtbot.waitUntil(lambda: app.dashboard.total.text() not in ("", "-", "0", "0.00"), timeout=5_000)
+        assert app.earnings.total.units > 0 and app.earnings.today.amount == app.earnings.total.amount
         qtbot.waitUntil(lambda: app.supervisor.state is ProcState.STOPPED, timeout=60_000)
         kinds = [e["event"] for e in events]
         assert "draining" in kinds and "drained" in kinds and kinds[-1] == "stopped"
