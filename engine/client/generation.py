@@ -81,6 +81,7 @@ async def generate_events(
     prefill_ms = 0.0
     decode_wall = 0.0
     network_ms = 0.0
+    network_steps = 0
     finish = "length"
     started = time.perf_counter()
     try:
@@ -93,7 +94,12 @@ async def generate_events(
             else:
                 decode_wall += result.wall_ms
                 decode_timings.append(result.timings)
+            if index >= 2:
+                # Not the first decode step: in ring mode its interval starts when token 0 reached
+                # us, which can be well after the route already began step 1 (we were busy with the
+                # prefill's reply), so it can be shorter than a whole cycle and the estimate < 0.
                 network_ms += result.wall_ms - sum(t.compute_ms + t.queue_ms for t in result.timings)
+                network_steps += 1
             generated.append(result.token_id)
             for event in result.events:
                 yield event
@@ -122,7 +128,7 @@ async def generate_events(
             "prefill_ms": round(prefill_ms, 3),
             "decode_tok_s": round(decode_steps / (decode_wall / 1000), 3) if decode_wall else None,
             "total_s": round(time.perf_counter() - started, 3),
-            "network_ms_per_token": round(network_ms / decode_steps, 3) if decode_steps else None,
+            "network_ms_per_token": round(network_ms / network_steps, 3) if network_steps else None,
             "hops": _hop_summary(decode_timings),
             # what the pipeline adds: the activation budget used, a draft's acceptance, ...
             **(summary() if callable(summary := getattr(pipeline, "summary", None)) else {}),
