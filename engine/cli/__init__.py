@@ -71,6 +71,13 @@ def add_generation_options(p: argparse.ArgumentParser, *, prompt_required: bool)
         "output identical for ~93%% of prompts (kluster bench codec)",
     )
     p.add_argument(
+        "--private-nodes",
+        default="",
+        metavar="NODE,...",
+        help="a private job: only these nodes (names or peer ids) may hold its embeddings and head, which "
+        "see its tokens; also after a failover (default: any node)",
+    )
+    p.add_argument(
         "--activation",
         type=float,
         default=1.0,

@@ -195,8 +195,15 @@ async def _generate_remote(
 
     check_activation(args)
     activation = 1.0 if args.verify else args.activation  # verification runs the whole model
+    private = tuple(n.strip() for n in getattr(args, "private_nodes", "").split(",") if n.strip())
     pipeline = RemotePipeline(
-        coordinator, args.model, route_wait_s=args.route_wait, codec=args.codec, activation=activation, auth=auth
+        coordinator,
+        args.model,
+        route_wait_s=args.route_wait,
+        codec=args.codec,
+        activation=activation,
+        auth=auth,
+        private_nodes=private,
     )
     spec: SpeculativePipeline | None = None
     try:

@@ -125,6 +125,7 @@ class RemotePipeline:
         route_wait_s: float = 60.0,
         codec: str = "fp32",
         activation: float = 1.0,
+        private_nodes: tuple[str, ...] = (),
         auth: SessionAuth | None = None,
     ) -> None:
         if codec not in CODECS:
@@ -136,6 +137,9 @@ class RemotePipeline:
         #: the share of layer compute each request runs (Selective Activation); the coordinator
         #: turns it into layers to skip and leaves out hops whose layers are all skipped
         self.activation = activation
+        #: a private job: only these nodes (names or peer ids) may run its first and last hop, which
+        #: see its tokens; every route, failovers included, is asked for with them
+        self.private_nodes = tuple(private_nodes)
         #: absolute layers skipped on the current route, and the coordinator's account of the budget
         self.skip: tuple[int, ...] = ()
         self.budget: dict[str, Any] | None = None
@@ -245,6 +249,8 @@ class RemotePipeline:
         if self.activation < 1.0:
             params["activation"] = f"{self.activation:g}"
         now = time.monotonic()
+        if self.private_nodes:
+            params["allow"] = ",".join(self.private_nodes)
         excluded = sorted(p for p, until in self._excluded.items() if until > now)
         if excluded:
             params["exclude"] = ",".join(excluded)

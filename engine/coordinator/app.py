@@ -330,7 +330,9 @@ class Coordinator:
         m = self.placer.measurement(peer_id)
         return m.layers_per_s if m is not None and m.layers_per_s > 0 else fallback
 
-    def _plan_route(self, model_id: str, exclude: frozenset[str]) -> list[tuple[NodeRow, int, int]]:
+    def _plan_route(
+        self, model_id: str, exclude: frozenset[str], allow: frozenset[str] | None = None
+    ) -> list[tuple[NodeRow, int, int]]:
         """The fastest route for ``model_id`` over ready nodes: [(node, first_layer, end_layer), ...].
 
         Costs are measured: round trips nodes report (20 ms where unknown, and to the client,
@@ -350,7 +352,8 @@ class Coordinator:
                 continue
             start, end = layout.layers(row.span)
             hosts.append(HostView(peer, start, end, self._speed(peer, fallback), load=self._sessions.get(peer, 0)))
-        hops = route_layers(layout, hosts, self._rtts, exclude=exclude)
+        ends_on = None if allow is None else frozenset(p for p, row in rows.items() if p in allow or row.name in allow)
+        hops = route_layers(layout, hosts, self._rtts, exclude=exclude, ends_on=ends_on)
         return [(rows[peer], start, end) for peer, start, end in hops]
 
     async def _health(self, _: web.Request) -> web.Response:
@@ -414,9 +417,14 @@ class Coordinator:
             served = ", ".join(sorted(self.packs)) or "none"
             return _error(404, f"model '{model_id}' is not served here (served: {served})", "model_not_found")
         excluded = frozenset(p for p in request.query.get("exclude", "").split(",") if p)
+        # a private job: only these nodes (names or peer ids) may hold its embeddings and head
+        raw_allow = request.query.get("allow")
+        allow = None if raw_allow is None else frozenset(a for a in raw_allow.split(",") if a)
         try:
+            if allow is not None and not allow:
+                raise ConfigError("allow= names no node: name the nodes that may hold the embeddings and head")
             budget = self._budget(model_id, request.query.get("activation"))
-            route = self._plan_route(model_id, excluded)
+            route = self._plan_route(model_id, excluded, allow)
         except ConfigError as exc:
             return _error(400, exc)
         except NoRouteError as exc:

@@ -225,10 +225,12 @@ def route_layers(
     *,
     exclude: frozenset[str] = frozenset(),
     default_rtt_ms: float = DEFAULT_RTT_MS,
+    ends_on: frozenset[str] | None = None,
 ) -> list[tuple[str, int, int]]:
     """The fastest route [(node_id, first_layer, end_layer), ...] over hosts given in decoder layers.
 
-    A ``NoRouteError`` names the decoder layers and fragment no remaining host serves.
+    A ``NoRouteError`` names the decoder layers and fragment no remaining host serves. ``ends_on``:
+    the hosts a private job allows to hold its embeddings and head (``plan_route``).
     """
     active = [h for h in hosts if h.node_id not in exclude]
     covered = [False] * layout.num_layers
@@ -242,7 +244,7 @@ def route_layers(
             f"no live node serves layers {a}-{b - 1} of '{layout.model_id}' (fragment {unit})"
             + (f" ({len(exclude)} excluded)" if exclude else "")
         )
-    return plan_route(layout.num_layers, active, rtt_lookup(rtts, default_rtt_ms), client=CLIENT)
+    return plan_route(layout.num_layers, active, rtt_lookup(rtts, default_rtt_ms), client=CLIENT, ends_on=ends_on)
 
 
 __all__ = [

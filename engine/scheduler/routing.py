@@ -118,10 +118,14 @@ def plan_route(
     client: str,
     exclude: frozenset[str] = frozenset(),
     exhaustive: bool = False,
+    ends_on: frozenset[str] | None = None,
 ) -> list[tuple[str, int, int]]:
     """The fastest ring for one token: [(node_id, first_layer, end_layer), ...] covering 0..L-1.
 
-    ``exclude`` drops failed nodes (failover asks again without them). Raises ``NoRouteError``
+    ``exclude`` drops failed nodes (failover asks again without them). ``ends_on`` (a private job)
+    names the only hosts that may run the first hop (it holds the embeddings, so it sees the
+    prompt's tokens) and the last hop (the head: it sees every generated token); middle hops see
+    only hidden states and may be any host. Raises ``NoRouteError``
     naming the first layer no remaining host serves, ``ConfigError`` for a host outside the model,
     a duplicate host or a negative/NaN round trip. Deterministic: ties go to the lower node_id.
     """
@@ -170,6 +174,9 @@ def plan_route(
             common, extra = _candidates(p, idx, to_client, end, per_layer, [g for _, g in labels[:LOCAL_LABELS]])
         else:
             common, extra = idx.tolist(), {}
+        if p == 0 and ends_on is not None:
+            common = [h for h in common if ids[h] in ends_on]
+            extra = {g: [h for h in c if ids[h] in ends_on] for g, c in extra.items()}
         for dist, g in labels:
             src = client if g < 0 else ids[g]
             cand = extra.get(g, common)
@@ -183,7 +190,16 @@ def plan_route(
                         arriving.setdefault(end_l[h], []).append(h)
                     best[h] = d
                     pred[h] = (g, p)
-    finals = [(best[h] + _one_way(rtt_ms, ids[h], client), h) for h in arriving.get(L, [])]
+    finals = [
+        (best[h] + _one_way(rtt_ms, ids[h], client), h)
+        for h in arriving.get(L, [])
+        if ends_on is None or ids[h] in ends_on
+    ]
+    if not finals and ends_on is not None:
+        raise NoRouteError(
+            "no route keeps the embeddings and the head on the allowed nodes: none of them serves "
+            f"layer 0 or layer {L - 1} (or no route joins them)"
+        )
     if not finals or min(finals)[0] == inf:
         raise NoRouteError(f"no route reaches every layer of {L}: round trips to the remaining hosts are infinite")
     total, last = min(finals)
