@@ -168,15 +168,7 @@ class ExpertGrid:
         """Connect to the coordinator (as a client) and open for peer links."""
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
         await self.signaling.connect()
-        self.peers = PeerManager(
-            self.signaling.peer_id,
-            self.signaling.send_signal,
-            self._on_message,
-            identity=self.signaling.identity,
-            ice_servers=self.signaling.ice_servers,
-            on_link_lost=self._on_link_lost,
-        )
-        self.signaling.peers = self.peers
+        self.peers = self.signaling.open_peers(self._on_message, on_link_lost=self._on_link_lost)
         self._runner = asyncio.create_task(self.signaling.serve(lambda: self._stopping), name="signaling")
 
     async def wait_ready(self, timeout_s: float = 120.0) -> dict[tuple[int, int], str]:

@@ -214,15 +214,7 @@ class RemotePipeline:
             raise CoordinatorError(f"coordinator request {path} failed: {exc}") from None
 
     def _start_peers(self) -> None:
-        self.peers = PeerManager(
-            self.signaling.peer_id,
-            self.signaling.send_signal,
-            self._on_message,
-            identity=self.signaling.identity,
-            ice_servers=self.signaling.ice_servers,
-            on_link_lost=self._on_link_lost,
-        )
-        self.signaling.peers = self.peers
+        self.peers = self.signaling.open_peers(self._on_message, on_link_lost=self._on_link_lost)
 
     async def _new_identity(self, old_id: str) -> None:
         """The coordinator forgot us (it restarted) and gave us a new id: nodes can no longer reach

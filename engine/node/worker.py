@@ -227,15 +227,7 @@ class Node:
                 )
 
     def _start_peers(self) -> None:
-        self.peers = PeerManager(
-            self.peer_id,
-            self.signaling.send_signal,
-            self._on_message,
-            identity=self.signaling.identity,
-            ice_servers=self.signaling.ice_servers,
-            connect_timeout=self.config.connect_timeout_s,
-        )
-        self.signaling.peers = self.peers
+        self.peers = self.signaling.open_peers(self._on_message, connect_timeout=self.config.connect_timeout_s)
 
     def _hello_extra(self) -> dict[str, Any]:
         """What the hello says besides our name: the span we still hold, if any, and a claimed speed (test knob)."""

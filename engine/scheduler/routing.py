@@ -168,15 +168,14 @@ def plan_route(
                 continue
             labels = sorted((best[h], h) for h in reached)[:arrivals_kept]
         idx = np.flatnonzero((start <= p) & (end > p))
+        if p == 0 and ends_on is not None:  # a private job's first hop (before pruning, so none is lost)
+            idx = np.array([h for h in idx.tolist() if ids[h] in ends_on], dtype=np.int64)
         if idx.size > limit_all:
             if to_client is None:
                 to_client = np.array([_one_way(rtt_ms, client, i) for i in ids], dtype=np.float64)
             common, extra = _candidates(p, idx, to_client, end, per_layer, [g for _, g in labels[:LOCAL_LABELS]])
         else:
             common, extra = idx.tolist(), {}
-        if p == 0 and ends_on is not None:
-            common = [h for h in common if ids[h] in ends_on]
-            extra = {g: [h for h in c if ids[h] in ends_on] for g, c in extra.items()}
         for dist, g in labels:
             src = client if g < 0 else ids[g]
             cand = extra.get(g, common)

@@ -23,7 +23,7 @@ from aiortc import RTCIceServer
 
 from engine.errors import CoordinatorError, KlusterError, error_for_code
 from engine.transport.identity import Identity, hello_proof, key_id_of
-from engine.transport.peer import PeerManager
+from engine.transport.peer import OnLinkLost, OnMessage, PeerManager
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,24 @@ class SignalingClient:
 
     async def send_signal(self, to: str, data: dict[str, Any]) -> None:
         await self.send({"type": "signal", "to": to, "data": data})
+
+    def open_peers(
+        self, on_message: OnMessage, *, on_link_lost: OnLinkLost | None = None, connect_timeout: float = 10.0
+    ) -> PeerManager:
+        """The peer links of this connection: our id and key, signals through us, our ICE servers.
+
+        Becomes ``self.peers``, so incoming signals and refreshed ICE credentials reach it.
+        """
+        self.peers = PeerManager(
+            self.peer_id,
+            self.send_signal,
+            on_message,
+            identity=self.identity,
+            ice_servers=self.ice_servers,
+            connect_timeout=connect_timeout,
+            on_link_lost=on_link_lost,
+        )
+        return self.peers
 
     async def run(self) -> None:
         """Read messages until the WebSocket closes or falls silent; then set ``closed``.

@@ -51,7 +51,7 @@ def display() -> Iterator[str]:
         number = f.readline().strip()
     if not number:
         _stop(xvfb)
-        pytest.skip("Xvfb did not start")
+        pytest.fail("Xvfb is installed but did not start")
     name = f":{number}"
     trayer = subprocess.Popen(
         ["trayer", "--edge", "top", "--align", "right", "--widthtype", "request", "--height", "32"],

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from typing import Any
 
 import pytest
 import torch
+from random_moe import randomise
 
 from engine.client.experts import ExpertGrid, ExpertGridPipeline
 from engine.client.local import LocalPipeline
@@ -81,16 +81,7 @@ def _save_random(folder: Path, family: str) -> torch.nn.Module:
     )
     config._attn_implementation = "eager"
     ref = getattr(transformers, model_cls)(config).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                scale = 1.0 if "embed_tokens" in name else 1 / math.sqrt(p.shape[-1])
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    randomise(ref)
     ref.save_pretrained(folder)
     return ref
 

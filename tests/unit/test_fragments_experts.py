@@ -8,13 +8,13 @@ network version of the same split is tests/integration/test_moe_grid.py.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from random_moe import randomise
 
 from engine.errors import ConfigError, FragmentError, ProtocolError
 from engine.fragments.experts import (
@@ -65,16 +65,7 @@ def save_random_moe(folder: Path, family: str) -> Path:
     cfg_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(0)
     ref = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**BASE, **extra)).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                scale = 1.0 if "embed_tokens" in name else 1 / math.sqrt(p.shape[-1])
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    randomise(ref)
     ref.save_pretrained(folder)
     return folder
 

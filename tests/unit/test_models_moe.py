@@ -8,12 +8,12 @@ re-drawn at a realistic scale so routing is decisive and the activations are O(1
 from __future__ import annotations
 
 import inspect
-import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from random_moe import randomise
 from safetensors import safe_open
 
 from engine.errors import ModelFormatError
@@ -59,28 +59,13 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
-def _randomise(model: torch.nn.Module) -> None:
-    """N(0, 1/fan_in) matrices, perturbed norms and biases: O(1) activations and decisive routing."""
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
-
-
 def _save_random(tmp: Path, family: str, *, fused: bool = False) -> tuple[Path, torch.nn.Module]:
     cfg_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(0)
     config = getattr(transformers, cfg_cls)(**BASE, **extra)
     config._attn_implementation = "eager"
     ref = getattr(transformers, model_cls)(config).eval()
-    _randomise(ref)
+    randomise(ref)
     if fused:
         if "save_original_format" not in inspect.signature(ref.save_pretrained).parameters:
             pytest.skip("this transformers has no fused-experts checkpoint layout")
