@@ -23,9 +23,9 @@ def start_cluster(pack: Path, root: Path, nodes: int) -> LocalCluster:
 
 
 @pytest.fixture(scope="module")
-def cluster3(smollm2_pack3: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+def cluster3(smollm2_pack3: Path, module_tmp: Callable[[str], Path]) -> Iterator[LocalCluster]:
     """A coordinator and 3 node processes serving the default model, shared by a test module."""
-    cluster = start_cluster(smollm2_pack3, tmp_path_factory.mktemp("cluster3"), 3)
+    cluster = start_cluster(smollm2_pack3, module_tmp("cluster3"), 3)
     try:
         yield cluster
     finally:
@@ -47,16 +47,6 @@ def cluster_factory(smollm2_pack3: Path, tmp_path: Path) -> Iterator[Callable[[i
     finally:
         for cluster in started:
             cluster.stop()
-
-
-@pytest.fixture(scope="session")
-def smollm2_pack2(smollm2_dir: Path, session_root: Path) -> Path:
-    """The default model in 2 fragments: 4 nodes then hold every span twice."""
-    from engine.fragments.pack import pack_model
-
-    out = session_root / "pack2"
-    pack_model(smollm2_dir, out, 2, model_id="smollm2-135m", progress=False)
-    return out
 
 
 @pytest.fixture

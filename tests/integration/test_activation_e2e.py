@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,10 @@ NODE2 = frozenset(range(10, 20))
 
 
 @pytest.fixture(scope="module")
-def calibrated_pack(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def calibrated_pack(smollm2_dir: Path, module_tmp: Callable[[str], Path]) -> Path:
     from engine.fragments.pack import pack_model
 
-    root = tmp_path_factory.mktemp("calibrated")
+    root = module_tmp("calibrated")
     layers = tuple(
         LayerImportance(i, bi, bi / 2, bi / 2)
         for i, bi in ((i, 0.01 if i in NODE2 else 0.5 + i / 100) for i in range(30))
@@ -53,8 +53,8 @@ def calibrated_pack(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="module")
-def cluster(calibrated_pack: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    root = tmp_path_factory.mktemp("activation")
+def cluster(calibrated_pack: Path, module_tmp: Callable[[str], Path]) -> Iterator[LocalCluster]:
+    root = module_tmp("activation")
     c = LocalCluster(calibrated_pack, 3, cache_dir=root / "node-cache", log_dir=root / "logs")
     c.start()
     try:

@@ -17,7 +17,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,8 +96,8 @@ class Grid:
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def grid(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Grid]:
-    root = tmp_path_factory.mktemp(f"moe-{request.param}")
+def grid(request: pytest.FixtureRequest, module_tmp: Callable[[str], Path]) -> Iterator[Grid]:
+    root = module_tmp(f"moe-{request.param}")
     ref = _save_random(root / "model", request.param)
     pack_moe_model(root / "model", root / "pack", NODES, model_id=MODEL_ID)
     cluster = LocalCluster(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,8 @@ NODES = {"fast": (1.0, 26), "mid": (3.0, 14), "slow": (9.0, 8)}
 
 
 @pytest.fixture(scope="module")
-def pack30(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("pack30")
+def pack30(smollm2_dir: Path, module_tmp: Callable[[str], Path]) -> Path:
+    out = module_tmp("pack30")
     pack_model(smollm2_dir, out, 30, model_id=MODEL, progress=False)
     return out
 

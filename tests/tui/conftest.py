@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -18,16 +18,6 @@ import pytest
 from engine.launcher import LocalCluster
 
 MODEL = "smollm2-135m"
-
-
-@pytest.fixture(scope="session")
-def tui_pack2(smollm2_dir: Path, session_root: Path) -> Path:
-    from engine.fragments.pack import pack_model
-
-    out = session_root / "tui-pack2"
-    if not out.exists():
-        pack_model(smollm2_dir, out, 2, model_id=MODEL, progress=False)
-    return out
 
 
 async def _wait_for_replicas(url: str, copies: int, timeout_s: float) -> None:
@@ -46,9 +36,9 @@ async def _wait_for_replicas(url: str, copies: int, timeout_s: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def tui_cluster(tui_pack2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    root = tmp_path_factory.mktemp("tui-cluster")
-    cluster = LocalCluster(tui_pack2, 4, cache_dir=root / "node-cache", log_dir=root / "logs")
+def tui_cluster(smollm2_pack2: Path, module_tmp: Callable[[str], Path]) -> Iterator[LocalCluster]:
+    root = module_tmp("tui-cluster")
+    cluster = LocalCluster(smollm2_pack2, 4, cache_dir=root / "node-cache", log_dir=root / "logs")
     try:
         cluster.start()
         asyncio.run(cluster.wait_for_route(MODEL, timeout_s=180))
