@@ -78,6 +78,14 @@ def add_generation_options(p: argparse.ArgumentParser, *, prompt_required: bool)
         "see its tokens; also after a failover (default: any node)",
     )
     p.add_argument(
+        "--spot-check",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="verify this share of steps: the coordinator re-executes the session so far and bans a node "
+        "that returned wrong work; the output is regenerated from where it went wrong (default 0: off)",
+    )
+    p.add_argument(
         "--activation",
         type=float,
         default=1.0,

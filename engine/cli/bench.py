@@ -10,6 +10,7 @@ targets instead, everything in one process run so the ratios compare like with l
   wan        time per token over an emulated 40 ms / 1% loss WAN vs delay+compute (bench_wan.py)
   sparsity   skipping layers / sub-blocks / FFN neurons: perplexity vs compute saved (bench_sparsity.py)
   coordinator  1,000 node WebSockets: registration latency, memory, dead-socket drops (bench_coordinator.py)
+  verify     spot checks: how far honest and perturbed routes are from the reference (bench_verify.py)
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def register(sub: Any) -> None:
     from engine.cli import bench_coordinator
 
     bench_coordinator.register(bsub)
+
+    from engine.cli import bench_verify
+
+    bench_verify.register(bsub)
 
 
 async def _decode_stats(pipeline: Any, prompt_ids: list[int], tokens: int) -> dict[str, Any]:

@@ -110,6 +110,11 @@ async def stream(
             print(json.dumps(ev), file=out, flush=True)
         elif ev["event"] == "token":
             print(ev["text"], end="", file=out, flush=True)
+        elif ev["event"] == "spot_check":
+            who = ", ".join(ev["guilty"] + ev["disputed"]) or "a node"
+            print(f"\n[spot check failed: {who} returned wrong work; avoiding it]", file=out, flush=True)
+        elif ev["event"] == "rewind":
+            print(f"\n[regenerating from token {ev['to_token']}]\n{ev['text']}", end="", file=out, flush=True)
         if ev["event"] == "done":
             done = ev
     if not as_json:
@@ -185,6 +190,11 @@ def check_activation(args: argparse.Namespace) -> None:
             raise ConfigError("--verify supports greedy decoding only (temperature 0) for now")
         if not 1 <= args.draft_tokens <= 32:
             raise ConfigError(f"--draft-tokens must be between 1 and 32, got {args.draft_tokens}")
+    spot = getattr(args, "spot_check", 0.0)
+    if not 0.0 <= spot <= 1.0:
+        raise ConfigError(f"--spot-check must be a fraction of steps in [0, 1], got {spot:g}")
+    if spot > 0 and args.verify:
+        raise ConfigError("--spot-check does not cover --verify (speculative) jobs yet")
 
 
 async def _generate_remote(
@@ -204,6 +214,7 @@ async def _generate_remote(
         activation=activation,
         auth=auth,
         private_nodes=private,
+        spot_check=getattr(args, "spot_check", 0.0),
     )
     spec: SpeculativePipeline | None = None
     try:
@@ -237,6 +248,8 @@ async def run_local(args: argparse.Namespace, *, out: TextIO | None = None) -> d
     from engine.models.resolve import resolve_model
 
     check_activation(args)
+    if getattr(args, "spot_check", 0.0) > 0:
+        raise ConfigError("--spot-check needs a grid (--coordinator): a local run has nobody to check")
     if args.threads:
         await torch_thread.run(torch.set_num_threads, args.threads)
     _, folder = resolve_model(args.model)

@@ -180,6 +180,13 @@ def register(sub: Any) -> None:
         help="test knob: a speed to claim to the coordinator, which shows it and never uses it",
     )
     n.add_argument(
+        "--perturb",
+        type=float,
+        default=0.0,
+        help="test knob, a Byzantine node: add noise of this relative size to every hidden state it "
+        "sends (a last hop returns wrong tokens); spot checks must catch and ban it (default 0)",
+    )
+    n.add_argument(
         "--identity",
         type=Path,
         default=None,
@@ -404,6 +411,8 @@ def run_node(args: argparse.Namespace) -> int:
         raise ConfigError("--throttle must be between 1 and 1000")
     if args.claim_layers_per_s is not None and not 0 < args.claim_layers_per_s < 1e12:
         raise ConfigError("--claim-layers-per-s must be positive")
+    if not 0.0 <= args.perturb <= 100.0:
+        raise ConfigError("--perturb must be between 0 and 100")
     node = Node(
         NodeConfig(
             args.coordinator,
@@ -416,6 +425,7 @@ def run_node(args: argparse.Namespace) -> int:
             memory_mb=args.memory_mb,
             throttle=args.throttle,
             claimed_layers_per_s=args.claim_layers_per_s,
+            perturb=args.perturb,
             identity_path=args.identity,
             account_token=load_account_token(args.token_file),
         )

@@ -24,6 +24,7 @@ import torch
 
 from engine.client.generation import StepResult
 from engine.client.receipts import Countersigner
+from engine.client.spotcheck import SpotChecker
 from engine.coordinator.auth import SessionAuth
 from engine.errors import (
     ConfigError,
@@ -43,7 +44,7 @@ from engine.protocol import frames
 from engine.protocol import messages as wire
 from engine.protocol.codec import CODECS
 from engine.transport.peer import PeerManager
-from engine.transport.signaling import SignalingClient, get_json
+from engine.transport.signaling import SignalingClient, get_json, raise_for_error_body
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,11 @@ class _SessionState:
     #: every token fed so far, and the size of each step: a failover replays exactly these steps
     history: list[int] = field(default_factory=list)
     chunks: list[int] = field(default_factory=list)
+    #: positions whose tokens the client fed itself on the current wire session (the prompt, or a
+    #: failover's replay): a spot check holds the route to account only for the tokens after them
+    given: int = 0
+    #: whether tokens are greedy (a spot check can check greedy tokens only)
+    greedy: bool = True
 
 
 def _rewind(state: _SessionState, pos: int) -> None:
@@ -127,6 +133,7 @@ class RemotePipeline:
         activation: float = 1.0,
         private_nodes: tuple[str, ...] = (),
         auth: SessionAuth | None = None,
+        spot_check: float = 0.0,
     ) -> None:
         if codec not in CODECS:
             raise ConfigError(f"unknown activation codec {codec!r} (known: {', '.join(CODECS)})")
@@ -175,6 +182,12 @@ class RemotePipeline:
         self._sessions: dict[str, _SessionState] = {}
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
+        if not 0.0 <= spot_check <= 1.0:
+            raise ConfigError(f"spot_check must be a fraction of steps in [0, 1], got {spot_check:g}")
+        #: nodes a spot check found guilty or in dispute: never routed through again by this pipeline
+        self._avoided: set[str] = set()
+        #: spot checks of a random ``spot_check`` share of steps (engine.client.spotcheck)
+        self.spot = SpotChecker(spot_check, self._post_audit, self._avoided.add) if spot_check > 0 else None
 
     async def start(self) -> list[RouteHop]:
         """Connect to the coordinator and get a route for the model."""
@@ -198,6 +211,32 @@ class RemotePipeline:
             return await self.signaling.http_json(path, params)
         async with aiohttp.ClientSession(timeout=_HTTP_TIMEOUT, middlewares=(self.auth.middleware,)) as http:
             return await get_json(http, self.signaling.coordinator + path, params)
+
+    async def _post_audit(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/audit`` (a spot check); the verdict, or a CoordinatorError."""
+        middlewares = (self.auth.middleware,) if self.auth is not None else ()
+        timeout = aiohttp.ClientTimeout(total=120, sock_connect=10)
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=timeout, middlewares=middlewares) as http,
+                http.post(self.signaling.coordinator + "/v1/audit", json=body) as resp,
+            ):
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            raise CoordinatorError(f"spot check request failed: {exc or type(exc).__name__}") from None
+        raise_for_error_body(resp.status, data)
+        if not isinstance(data, dict):
+            raise CoordinatorError("the coordinator sent no verdict")
+        return data
+
+    def pending_rewind(self, session: str) -> int | None:
+        """The first position a failed spot check says to regenerate (None: none)."""
+        return None if self.spot is None else self.spot.pending_rewind(session)
+
+    async def settle(self, session: str) -> None:
+        """Wait for the session's spot checks still running (a generation calls this before it ends)."""
+        if self.spot is not None:
+            await self.spot.settle(session)
 
     async def _http_bytes(self, path: str) -> bytes:
         if self.auth is None:
@@ -243,7 +282,7 @@ class RemotePipeline:
         now = time.monotonic()
         if self.private_nodes:
             params["allow"] = ",".join(self.private_nodes)
-        excluded = sorted(p for p, until in self._excluded.items() if until > now)
+        excluded = sorted({p for p, until in self._excluded.items() if until > now} | self._avoided)
         if excluded:
             params["exclude"] = ",".join(excluded)
         body = await self._http_json("/v1/route", params)
@@ -316,9 +355,12 @@ class RemotePipeline:
 
     def summary(self) -> dict[str, Any]:
         """The activation budget this pipeline's route runs under, for the ``done`` event."""
-        if self.budget is None:
-            return {}
-        return {"activation": {**self.budget, "hops": len(self.route)}}
+        out: dict[str, Any] = {}
+        if self.budget is not None:
+            out["activation"] = {**self.budget, "hops": len(self.route)}
+        if self.spot is not None:
+            out["spot_checks"] = self.spot.stats.to_dict()
+        return out
 
     async def budget_for(self, activation: float) -> dict[str, Any]:
         """The coordinator's plan for ``activation`` (layers to skip), without changing our own route."""
@@ -409,12 +451,22 @@ class RemotePipeline:
         if self.peers is None or not self.route:
             raise CoordinatorError("pipeline not started")
         state = self._sessions.setdefault(session, _SessionState(wire_id=session))
+        if state.next_step == 0:
+            state.given, state.greedy = len(tokens), sampling.temperature == 0
+        events: list[dict[str, Any]] = []
+        rewound = False
         if verify and pos < state.next_pos:
             _rewind(state, pos)
-        events: list[dict[str, Any]] = []
+        elif pos < state.next_pos:  # a failed spot check: regenerate from ``pos`` without its culprits
+            _rewind(state, pos)
+            state.ring_left = 0
+            event = await self._reroute(state)
+            if event is not None:
+                events.append(event)
+            rewound = True
         continuing = state.ring_left > 0 and state.next_pos == pos and tokens == [state.last_token]
         t0 = state.last_arrival if continuing else time.perf_counter()
-        replay = False
+        replay = rewound
         for attempt in range(self.max_failovers + 1):
             try:
                 token, arrival = await self._run_step(
@@ -445,7 +497,32 @@ class RemotePipeline:
         state.last_token = token.token_id
         state.last_arrival = arrival
         state.ring_left = 0 if token.token_id in stop_ids else state.ring_left - 1
+        if self.spot is not None and self.job:
+            self.spot.maybe_check(session, self._audit_request(state))
+            events.extend(self.spot.take_events(session))
         return StepResult(token.token_id, token.timings, (arrival - t0) * 1000, tuple(events), token.tokens)
+
+    def _audit_request(self, state: _SessionState) -> dict[str, Any]:
+        """The ``/v1/audit`` body checking every position ``state`` has fed on the current route."""
+        return {
+            "job": self.job,
+            "session": state.wire_id,
+            "client": self.signaling.peer_id,
+            "tokens": list(state.history),
+            "prompt_tokens": state.given,
+            "greedy": state.greedy,
+            "codec": self.codec,
+        }
+
+    async def _reroute(self, state: _SessionState) -> dict[str, Any] | None:
+        """After a failed spot check: a new route if ours holds a node to avoid, else a fresh session on it."""
+        bad = next((h.peer_id for h in self.route if h.peer_id in self._avoided), None)
+        if bad is not None:
+            cause = PeerError(f"a spot check found node {self.name_of(bad)} at fault")
+            cause.peer_id = bad
+            return await self._failover(state, cause)
+        await self._close_wire_session(state)
+        return None
 
     async def _run_step(
         self,
@@ -469,6 +546,8 @@ class RemotePipeline:
             feed, start, chunks = (
                 (state.history + tokens, 0, (*state.chunks, len(tokens))) if replay else (tokens, pos, ())
             )
+            if replay:
+                state.given = len(feed)
             msg = wire.Forward(
                 state.wire_id,
                 state.next_step,
@@ -521,10 +600,7 @@ class RemotePipeline:
         log.info("route failed (%s); failing over", cause)
         if failed:
             self._excluded[failed] = time.monotonic() + EXCLUDE_S
-        if self.peers is not None and old and old[0].peer_id != failed:
-            close = wire.Close(state.wire_id, self._hops(), 0)
-            with contextlib.suppress(KlusterError):  # frees the healthy hops' caches of the old session
-                await self.peers.send(old[0].peer_id, wire.encode(close))
+        await self._close_wire_session(state, failed)
         deadline = time.monotonic() + self.route_wait_s
         while True:
             try:
@@ -536,11 +612,6 @@ class RemotePipeline:
                         f"{cause}, and no replacement came within {self.route_wait_s:g} s: {exc}"
                     ) from None
                 await asyncio.sleep(0.2)
-        self._frames.forget_session(state.wire_id)
-        state.wire_id = uuid.uuid4().hex
-        live = self._live_wire_ids()
-        for key in [k for k in self._arrived if k[0] not in live]:
-            del self._arrived[key]
         return {
             "event": "failover",
             "failed_node": self.name_of(failed, old) if failed else None,
@@ -550,6 +621,19 @@ class RemotePipeline:
             "new_route": _route_nodes(self.route),
             "recovery_ms": round((time.perf_counter() - detected) * 1000, 1),
         }
+
+    async def _close_wire_session(self, state: _SessionState, failed: str | None = None) -> None:
+        """End the session's life on the current route (its hops free their caches, unless ``failed`` is
+        the first hop) and give it a fresh wire id: what arrives for the old one is dropped."""
+        if self.peers is not None and self.route and self.route[0].peer_id != failed:
+            close = wire.Close(state.wire_id, self._hops(), 0)
+            with contextlib.suppress(KlusterError):
+                await self.peers.send(self.route[0].peer_id, wire.encode(close))
+        self._frames.forget_session(state.wire_id)
+        state.wire_id = uuid.uuid4().hex
+        live = self._live_wire_ids()
+        for key in [k for k in self._arrived if k[0] not in live]:
+            del self._arrived[key]
 
     def _live_wire_ids(self) -> set[str]:
         return {s.wire_id for s in self._sessions.values()}
@@ -583,6 +667,8 @@ class RemotePipeline:
 
     async def shutdown(self) -> None:
         self._stopping = True
+        if self.spot is not None:
+            await self.spot.close()
         await self._await_receipts()
         if self.peers is not None:
             await self.peers.shutdown()

@@ -59,6 +59,8 @@ from typing import Any
 from aiohttp import web
 
 from engine import __version__
+from engine.audit.reference import Tolerance
+from engine.audit.sketch import node_key
 from engine.coordinator import events
 from engine.coordinator.accounts import ADMIN, AccountStore
 from engine.coordinator.auth import ACCOUNT, CLOSE_UNAUTHORIZED, DEFAULT_TTL_S, SESSION_PATH, AuthGate, ForbiddenError
@@ -71,6 +73,7 @@ from engine.coordinator.placer import Measurement, Placer
 from engine.coordinator.ratelimit import RateLimits
 from engine.coordinator.registry import NodeRow, Registry
 from engine.coordinator.turn import TurnConfig
+from engine.coordinator.verifier import AuditHop, RouteRecord, Verifier
 from engine.errors import ConfigError, CoordinatorError, FragmentError, IdentityError, KlusterError, NoRouteError
 from engine.fragments.manifest import CONFIG, WEIGHTS
 from engine.fragments.pack import TOKENIZER_FILES
@@ -85,6 +88,7 @@ from engine.scheduler.placement import HostView, PackLayout, Span, measured_laye
 from engine.transport.identity import check_hello, peer_id_for
 from engine.transport.signaling import (
     CLOSE_BAD_HELLO,
+    CLOSE_BANNED,
     CLOSE_REPLACED,
     CLOSE_S,
     HEARTBEAT_MISSES,
@@ -144,6 +148,8 @@ class CoordinatorConfig:
     #: no placement this soon after start: after a coordinator restart the nodes reconnect with
     #: what they hold, and none should be moved to cover for one that is merely slower to return
     placement_grace_s: float = 5.0
+    #: how far an honest hop's work may be from the spot checks' reference (``kluster bench verify``)
+    audit_tolerance: Tolerance = field(default_factory=Tolerance)
 
 
 def _error(status: int, err: KlusterError | str, code: str = "coordinator") -> web.Response:
@@ -271,6 +277,17 @@ class Coordinator:
             self.events,
             supplier_account=lambda peer: self._node_accounts.get(peer, peer),
         )
+        #: spot checks (engine.coordinator.verifier); each node's projection key derives from this secret
+        self._audit_secret = self.registry.secret("audit", lambda: secrets.token_bytes(32))
+        self.verifier = Verifier(
+            self.packs,
+            lambda peer: node_key(self._audit_secret, peer),
+            self._send_to,
+            tolerance=config.audit_tolerance,
+        )
+        #: nodes a spot check caught: peer id -> why (they may not register again)
+        self._banned = self.registry.banned()
+        self.billing.banned.update(self._banned)
         self._runner: web.AppRunner | None = None
         self._closed = False
 
@@ -302,6 +319,7 @@ class Coordinator:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/nodes", self._nodes)
         app.router.add_get("/v1/route", self._route)
+        app.router.add_post("/v1/audit", self._audit)
         app.router.add_get("/v1/earnings", self._earnings)
         app.router.add_get("/v1/spend", self._spend)
         app.router.add_get("/v1/models/{model}/fragments/{fragment}/{file}", self._fragment_file)
@@ -357,7 +375,22 @@ class Coordinator:
         return [(rows[peer], start, end) for peer, start, end in hops]
 
     async def _health(self, _: web.Request) -> web.Response:
-        body = {"ok": True, "version": __version__, "nodes": len(self._sockets), "auth": self.gate.enabled}
+        st = self.verifier.stats
+        body = {
+            "ok": True,
+            "version": __version__,
+            "nodes": len(self._sockets),
+            "auth": self.gate.enabled,
+            "spot_checks": {
+                "audits": st.audits,
+                "passed": st.passed,
+                "failed": st.failed,
+                "unavailable": st.unavailable,
+                "positions": st.positions,
+                "max_pass_error": round(st.max_pass_error, 6),
+                "banned": len(self._banned),
+            },
+        }
         return web.json_response(body)
 
     async def _models(self, _: web.Request) -> web.Response:
@@ -444,6 +477,15 @@ class Coordinator:
         if "client" in request.query:
             try:
                 body["job"] = self._assign_route(request, model_id, body["route"])
+                self.verifier.remember(
+                    body["job"],
+                    RouteRecord(
+                        model_id,
+                        request.query["client"],
+                        tuple(AuditHop(h["peer_id"], h["name"], h["start"], h["end"]) for h in body["route"]),
+                        skip,
+                    ),
+                )
             except ForbiddenError as exc:
                 return _error(403, exc)
             except ConfigError as exc:
@@ -486,6 +528,78 @@ class Coordinator:
             **extra,
         )
         return job
+
+    async def _send_to(self, peer_id: str, message: dict[str, Any]) -> bool:
+        """Send a control message to a connected peer; False when it is not connected."""
+        ws = self._sockets.get(peer_id)
+        if ws is None or ws.closed:
+            return False
+        try:
+            await ws.send_json(message)
+        except (ConnectionError, RuntimeError):
+            return False
+        return True
+
+    async def _audit(self, request: web.Request) -> web.Response:
+        """``POST /v1/audit``: a client's spot check of one of its sessions (engine.coordinator.verifier).
+
+        Body: ``job``, ``session`` (the wire session id), ``client`` (its peer id), ``tokens`` (the
+        session's token at every position checked), ``prompt_tokens`` (how many of them the client fed
+        itself: the prompt, or a failover's replay; the route answers only for the tokens after),
+        ``greedy``, ``codec``. Only
+        the client the job's route was handed to may audit it. Guilty nodes are banned here.
+        """
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "the audit request is not JSON", "bad_request")
+        if not isinstance(body, dict):
+            return _error(400, "the audit request must be a JSON object", "bad_request")
+        job, session, client = str(body.get("job", "")), str(body.get("session", ""))[:64], str(body.get("client", ""))
+        tokens, prompt = body.get("tokens"), body.get("prompt_tokens")
+        record = self.verifier.route_of(job)
+        if record is None:
+            return _error(404, f"no route of job {job!r} is known here", "not_found")
+        claims = request.get(ACCOUNT)
+        if record.client != client or (
+            claims is not None and claims.role != ADMIN and self._client_accounts.get(client) != claims.sub
+        ):
+            return _error(403, f"job {job} is not this client's", "forbidden")
+        if not isinstance(tokens, list) or not all(type(t) is int for t in tokens) or type(prompt) is not int:
+            return _error(400, "tokens must be a list of token ids and prompt_tokens an integer", "bad_request")
+        try:
+            verdict = await self.verifier.audit(
+                job,
+                session,
+                len(tokens),
+                tokens,
+                prompt_tokens=prompt,
+                greedy=bool(body.get("greedy", True)),
+                codec=str(body.get("codec", "fp32")),
+            )
+        except KlusterError as exc:
+            return _error(400, exc, "bad_request")
+        for culprit in verdict.get("guilty", ()):
+            await self._ban(culprit["peer_id"], culprit["name"], job, f"returned wrong work on job {job}")
+        return web.json_response(verdict)
+
+    async def _ban(self, peer_id: str, name: str, job: str, reason: str) -> None:
+        """A spot check caught ``peer_id``: it earns nothing more, loses what ``job`` paid it, and is
+        disconnected for good (its clients fail over at once, as when a node leaves)."""
+        if peer_id in self._banned:
+            return
+        log.warning("banning node %s (%s): %s", name, peer_id, reason)
+        self._banned[peer_id] = reason
+        self.registry.ban(peer_id, name, job, reason)
+        try:
+            await self.billing.forfeit(job, peer_id)
+        except LedgerError as exc:
+            log.error("could not take back the earnings of banned node %s: %s", peer_id, exc)
+        self.events.node_event(events.NODE_BANNED, peer_id, name, reason=reason)
+        ws = self._sockets.get(peer_id)
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await ws.close(code=CLOSE_BANNED, message=f"banned: {reason}".encode()[:120])
 
     async def _earnings(self, request: web.Request) -> web.Response:
         """``GET /v1/earnings``: a supplier's credits (its own account with auth on, else ``?account=``)."""
@@ -585,6 +699,10 @@ class Coordinator:
             await ws.close(code=CLOSE_UNAUTHORIZED, message=str(exc).encode()[:120])
             return ws
         peer_id = peer_id_for(role[0], public_key)
+        if peer_id in self._banned:
+            log.warning("refused banned node %s (%s) from %s", name, peer_id, request.remote)
+            await ws.close(code=CLOSE_BANNED, message=f"banned: {self._banned[peer_id]}".encode()[:120])
+            return ws
         if account is not None and role == "node":
             self._record_account(peer_id, name, account)
         elif account is not None:
@@ -605,6 +723,7 @@ class Coordinator:
         )
         log.info("%s %s %s as %s", role, name, "reconnected" if resumed else "connected", peer_id)
         if role == "node":
+            await ws.send_json({"type": "audit_key", "key": node_key(self._audit_secret, peer_id).hex()})
             if resumed:
                 self.registry.set_online(peer_id)
             else:
@@ -835,6 +954,8 @@ class Coordinator:
             if isinstance(sessions, int) and not isinstance(sessions, bool) and 0 <= sessions < 1_000_000:
                 self._sessions[peer_id] = sessions
             self._frames[peer_id] = _clean_counts(data.get("frames"), frames.COUNTERS)
+        elif kind == "audit_reply" and role == "node":
+            self.verifier.on_reply(peer_id, data)
         elif kind == "receipt" and role == "node":
             await self._relay_receipt(peer_id, data.get("receipt"))
         elif kind == "countersigned" and role == "client":

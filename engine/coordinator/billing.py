@@ -29,7 +29,7 @@ from engine.coordinator import events
 from engine.coordinator.events import EventHub
 from engine.errors import ConfigError
 from engine.ledger.chain import Kind
-from engine.ledger.credit import Assignment, CreditBook, Decision, ledger_entries
+from engine.ledger.credit import Assignment, CreditBook, Decision, Reject, forfeit_entries, ledger_entries
 from engine.ledger.pricing import DEFAULT_KEY, Pricing
 from engine.ledger.receipts import ReceiptError, SignedReceipt
 from engine.ledger.store import Ledger, LedgerError, Statement
@@ -94,6 +94,10 @@ class Billing:
         self._supplier_account = supplier_account
         #: job -> its client's peer id (where the job's receipts are relayed)
         self._clients: dict[str, str] = {}
+        #: suppliers (peer ids) a spot check caught: their receipts earn nothing from then on
+        self.banned: set[str] = set()
+        #: ledger writes one at a time: a forfeit must see every credit already decided
+        self._write = asyncio.Lock()
         restored = self.book.restore(ledger.receipts())
         if restored:
             log.info("ledger %s: credit state rebuilt from %d receipts", ledger.path, restored)
@@ -143,6 +147,11 @@ class Billing:
 
     async def submit(self, signed: SignedReceipt) -> Decision:
         """Decide on a countersigned receipt and, if it earns, write its credit and debit rows."""
+        if signed.receipt.supplier in self.banned:
+            r = signed.receipt
+            last = self.book.last(r.job_id, r.supplier)
+            why = "the supplier was banned by a spot check"
+            return Decision(r.job_id, r.supplier, 0, Reject.BANNED, why, last, last)
         decision = self.book.submit(signed)
         if not decision.ok:
             return decision
@@ -156,7 +165,8 @@ class Billing:
             for e in ledger_entries(decision, signed, assignment, self.pricing)
         ]
         try:
-            await asyncio.to_thread(self.ledger.append_many, entries)
+            async with self._write:
+                await asyncio.to_thread(self.ledger.append_many, entries)
         except LedgerError as exc:
             self.book.revert(decision)
             log.error("receipt of %s for job %s not recorded: %s", payee, decision.job_id, exc)
@@ -173,6 +183,19 @@ class Billing:
                 amount=amount,
             )
         return decision
+
+    async def forfeit(self, job_id: str, supplier: str) -> int:
+        """Ban ``supplier`` from earning and take back what it earned on ``job_id`` (refunding the
+        developer); returns the amount taken back. Later receipts of the supplier earn nothing."""
+        self.banned.add(supplier)
+        async with self._write:
+            rows = await asyncio.to_thread(self.ledger.job_rows, job_id)
+            entries = forfeit_entries(rows, supplier)
+            await asyncio.to_thread(self.ledger.append_many, entries)
+        taken = sum(e.amount for e in entries if e.kind is Kind.CLAWBACK)
+        if entries:
+            log.warning("took back %d micro-units from %s for job %s", taken, supplier, job_id)
+        return taken
 
     async def statement(self, account: str, kind: Kind) -> dict[str, Any]:
         """The ``/v1/earnings`` (credits) or ``/v1/spend`` (debits) body of ``account``."""

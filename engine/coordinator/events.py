@@ -26,6 +26,8 @@ NODE_JOINED = "node.joined"
 NODE_LEFT = "node.left"
 NODE_READY = "node.ready"
 NODE_DRAINING = "node.draining"
+#: a spot check caught a node returning wrong work: it is disconnected for good
+NODE_BANNED = "node.banned"
 #: a countersigned work receipt was credited (``engine.coordinator.billing``): earnings changed
 LEDGER_CREDIT = "ledger.credit"
 #: sent to one subscriber only, before its next event, when its buffer overflowed
@@ -42,6 +44,7 @@ KINDS = frozenset(
         NODE_LEFT,
         NODE_READY,
         NODE_DRAINING,
+        NODE_BANNED,
         LEDGER_CREDIT,
     }
 )

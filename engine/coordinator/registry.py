@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,17 @@ CREATE TABLE IF NOT EXISTS nodes (
     ready      INTEGER NOT NULL DEFAULT 0,
     online     INTEGER NOT NULL DEFAULT 1,
     info       TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS bans (
+    peer_id    TEXT PRIMARY KEY,
+    name       TEXT NOT NULL,
+    banned_at  REAL NOT NULL,
+    job_id     TEXT NOT NULL,
+    reason     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS secrets (
+    name       TEXT PRIMARY KEY,
+    value      BLOB NOT NULL
 );
 """
 #: Columns added since the first schema; a registry file from an older version gains them on open.
@@ -67,6 +79,23 @@ class Registry:
 
     def close(self) -> None:
         self._db.close()
+
+    def secret(self, name: str, make: Callable[[], bytes]) -> bytes:
+        """A named secret kept across restarts (created with ``make`` the first time)."""
+        self._db.execute("INSERT OR IGNORE INTO secrets (name, value) VALUES (?, ?)", (name, make()))
+        return bytes(self._db.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()[0])
+
+    def ban(self, peer_id: str, name: str, job_id: str, reason: str) -> None:
+        """Ban a node for good (a spot check caught it); the first reason is kept."""
+        self._db.execute(
+            "INSERT OR IGNORE INTO bans (peer_id, name, banned_at, job_id, reason) VALUES (?, ?, ?, ?, ?)",
+            (peer_id, name, time.time(), job_id, reason[:500]),
+        )
+        self._db.execute("UPDATE nodes SET online = 0, ready = 0 WHERE peer_id = ?", (peer_id,))
+
+    def banned(self) -> dict[str, str]:
+        """peer id -> why it was banned."""
+        return {str(p): str(r) for p, r in self._db.execute("SELECT peer_id, reason FROM bans")}
 
     def add_node(self, peer_id: str, name: str, info: str = "{}") -> None:
         """A node joined; a peer id seen in an earlier run (ids come from node keys) gets a fresh row state."""

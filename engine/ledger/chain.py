@@ -44,6 +44,14 @@ class Kind(StrEnum):
     PAYOUT = "payout"
     #: a developer paid in ``amount``
     DEPOSIT = "deposit"
+    #: a supplier's earlier credits for a job taken back: a spot check caught it returning wrong work
+    CLAWBACK = "clawback"
+    #: a developer's debits for that work given back
+    REFUND = "refund"
+
+
+#: what nets against what in a statement: earnings are credits less clawbacks, spend debits less refunds
+OFFSETS = {Kind.CREDIT: Kind.CLAWBACK, Kind.DEBIT: Kind.REFUND}
 
 
 @dataclass(frozen=True)

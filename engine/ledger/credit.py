@@ -16,11 +16,11 @@ resulting :func:`ledger_entries` appended by ``Ledger.append_many`` in a worker 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from engine.ledger.chain import Entry, Kind
+from engine.ledger.chain import Entry, Kind, Row
 from engine.ledger.pricing import Pricing
 from engine.ledger.receipts import ReceiptError, SignedReceipt, countersignature_valid, supplier_signature_valid
 
@@ -41,6 +41,8 @@ class Reject(StrEnum):
     REPLAY = "replay"
     BEYOND_ASSIGNMENT = "beyond_assignment"
     INCONSISTENT = "inconsistent"
+    #: the supplier was banned: a spot check caught it returning wrong work
+    BANNED = "banned"
 
 
 @dataclass(frozen=True)
@@ -235,3 +237,37 @@ class CreditBook:
                 self._credited[key] = Credited(max(r.seq, last.seq), r.cumulative_units)
             count += 1
         return count
+
+
+def forfeit_entries(rows: Sequence[Row], supplier: str) -> list[Entry]:
+    """The rows that take back a supplier's credits in a job and refund the developer's matching debits.
+
+    ``rows`` are the job's ledger rows (``Ledger.job_rows``); ``supplier`` the node's peer id (the
+    receipts name it; the credit rows name the account that was paid). A credit and its debit carry
+    the same receipt, which is how each debit is matched to the supplier. Clawbacks and refunds
+    already written are netted, so forfeiting twice takes nothing more.
+    """
+    tag = f"forfeit:{supplier}"
+    owed: dict[tuple[Kind, str], list[int]] = {}
+    for row in rows:
+        kind = Kind(row.kind)
+        if kind in (Kind.CREDIT, Kind.DEBIT):
+            try:
+                if SignedReceipt.from_json(row.receipt).receipt.supplier != supplier:
+                    continue
+            except ReceiptError:
+                continue
+            back, sign = (Kind.CLAWBACK if kind is Kind.CREDIT else Kind.REFUND), 1
+        elif kind in (Kind.CLAWBACK, Kind.REFUND) and row.receipt == tag:
+            back, sign = kind, -1
+        else:
+            continue
+        acc = owed.setdefault((back, row.account), [0, 0])
+        acc[0] += sign * row.units
+        acc[1] += sign * row.amount
+    job, model = (rows[0].job_id, rows[0].model) if rows else ("", "")
+    return [
+        Entry(kind, account, job, model, units, amount, receipt=tag)
+        for (kind, account), (units, amount) in sorted(owed.items())
+        if units > 0 or amount > 0
+    ]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import KlusterError
-from engine.ledger.chain import COLUMNS, GENESIS_HASH, Entry, Kind, Row, VerifyResult, seal, verify_rows
+from engine.ledger.chain import COLUMNS, GENESIS_HASH, OFFSETS, Entry, Kind, Row, VerifyResult, seal, verify_rows
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,11 @@ class Ledger:
             receipts = [str(r[0]) for r in found]
         return iter(receipts)
 
+    def job_rows(self, job_id: str) -> list[Row]:
+        """Every row of one job, oldest first."""
+        with self._lock:
+            return [Row(*r) for r in self._db.execute(f"{_SELECT} WHERE job_id = ? ORDER BY id", (job_id,))]
+
     def verify(self) -> VerifyResult:
         with self._lock:
             return _verify_connection(self._db)
@@ -261,20 +266,25 @@ def _verify_connection(conn: sqlite3.Connection) -> VerifyResult:
 
 
 def _statement(conn: sqlite3.Connection, account: str, kind: Kind, now: float) -> Statement:
+    """``kind``'s totals for ``account``, net of its offsetting kind (``OFFSETS``: clawbacks, refunds)."""
     today = day_start_us(now)
     week = today - 6 * _DAY_US
-    since = "COALESCE(SUM(CASE WHEN time >= ? THEN {0} END), 0)"
+    offset = OFFSETS.get(kind, kind).value
+    signed = "(CASE WHEN kind = ? THEN {0} ELSE -{0} END)"
+    since = f"COALESCE(SUM(CASE WHEN time >= ? THEN {signed} END), 0)"
+    total = f"COALESCE(SUM({signed}), 0)"
+    k = kind.value
     row = conn.execute(
         f"SELECT {since.format('units')}, {since.format('amount')}, {since.format('units')}, {since.format('amount')},"
-        " COALESCE(SUM(units), 0), COALESCE(SUM(amount), 0) FROM ledger WHERE account = ? AND kind = ?",
-        (today, today, week, week, account, kind.value),
+        f" {total.format('units')}, {total.format('amount')} FROM ledger WHERE account = ? AND kind IN (?, ?)",
+        (today, k, today, k, week, k, week, k, k, k, account, k, offset),
     ).fetchone()
     per_job = {
         str(job): Totals(int(u), int(a))
         for job, u, a in conn.execute(
-            "SELECT job_id, SUM(units), SUM(amount) FROM ledger WHERE account = ? AND kind = ? AND job_id != ''"
-            " GROUP BY job_id ORDER BY MIN(id)",
-            (account, kind.value),
+            f"SELECT job_id, SUM({signed.format('units')}), SUM({signed.format('amount')}) FROM ledger"
+            " WHERE account = ? AND kind IN (?, ?) AND job_id != '' GROUP BY job_id ORDER BY MIN(id)",
+            (k, k, account, k, offset),
         )
     }
     return Statement(

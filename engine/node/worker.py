@@ -23,10 +23,11 @@ from typing import Any
 import aiohttp
 import torch
 
+from engine.audit.trail import AuditTrail
 from engine.coordinator.auth import SessionAuth
 from engine.errors import FragmentError, KlusterError, PeerError, ProtocolError, SessionLostError
 from engine.fragments import torch_thread
-from engine.fragments.executor import ExecutorConfig, FragmentExecutor
+from engine.fragments.executor import ExecutorConfig, FragmentExecutor, StepOutput
 from engine.fragments.manifest import Manifest, parse_manifest
 from engine.fragments.store import load_span
 from engine.ledger.receipts import SignedReceipt
@@ -76,6 +77,9 @@ class NodeConfig:
     throttle: float = 1.0
     #: test knob: a speed the node claims in its hello; the coordinator shows it and ignores it
     claimed_layers_per_s: float | None = None
+    #: test knob, a Byzantine node: noise of this size relative to each hidden state it sends is
+    #: added to it (a last hop returns a wrong token instead); spot checks must catch it
+    perturb: float = 0.0
     #: the node's long-term identity key (created if missing); None: one per node name in the
     #: user data dir. The node's peer id is derived from it and its links are signed with it.
     identity_path: Path | None = None
@@ -179,6 +183,8 @@ class Node:
         #: work receipts (engine.node.receipts): signed on the torch thread, sent from the loop
         self.receipts = ReceiptKeeper(identity, identity.peer_id("n"))
         self._unsent_receipts: list[SignedReceipt] = []
+        #: sketches of what every session received and sent, for spot checks (torch thread)
+        self.audit = AuditTrail()
 
     @property
     def peer_id(self) -> str:
@@ -254,6 +260,15 @@ class Node:
                 await self.signaling.send({"type": "capability", "model_id": model_id, "capability": known})
             elif self._measure_task is None or self._measure_task.done():
                 self._measure_task = asyncio.create_task(self._measure(data), name="measure")
+        elif kind == "audit_key" and isinstance(data.get("key"), str):
+            with contextlib.suppress(ValueError):
+                await torch_thread.run(self.audit.set_key, bytes.fromhex(data["key"]))
+        elif kind == "audit_query":
+            positions = data.get("positions")
+            if type(positions) is int:
+                body = await torch_thread.run(self.audit.report, str(data.get("session")), positions)
+                with contextlib.suppress(KlusterError):
+                    await self.signaling.send({"type": "audit_reply", "id": data.get("id"), **body})
         elif kind == "assign_experts" and not self._draining:
             self.experts.assign(data)
         elif kind == "assign" and not self._draining:
@@ -467,6 +482,9 @@ class Node:
             frozenset(msg.skip),
             msg.verify,
         )
+        if self.config.perturb > 0:
+            out = _perturbed(out, self.config.perturb, span.executor.model.cfg.vocab_size)
+        self.audit.record(msg.session, msg.pos, msg.tensor, out.hidden if out.token_id is None else None, msg.codec)
         self.events.step(msg.session, int(msg.tensor.shape[0]), span.model_id, (hop.start, hop.end))
         if msg.job:
             sampled = torch.tensor(out.tokens or [out.token_id or 0], dtype=torch.int64)
@@ -557,3 +575,15 @@ class Node:
         await self.signaling.shutdown()
         if self.auth is not None:
             await self.auth.close()
+
+
+def _perturbed(out: StepOutput, scale: float, vocab: int) -> StepOutput:
+    """What a Byzantine node returns (the ``perturb`` test knob): noisy hidden states, or a wrong token."""
+    if out.token_id is None and out.hidden is not None:
+        h = out.hidden
+        noise = torch.randn_like(h) * h.norm(dim=-1, keepdim=True) / (h.shape[-1] ** 0.5)
+        return replace(out, hidden=h + scale * noise)
+    if out.token_id is not None:
+        return replace(out, token_id=(out.token_id * 31 + 7) % vocab, tokens=())
+    return out
+

@@ -49,6 +49,8 @@ CLOSE_BAD_HELLO = 4000
 #: ...and an older socket of a peer whose key just connected again (kill -9 and restart, or two
 #: processes sharing one key file: the replaced one stops instead of taking the id back).
 CLOSE_REPLACED = 4001
+#: ...and a node a spot check caught returning wrong work (it may not come back).
+CLOSE_BANNED = 4004
 #: Coordinator -> peer: fresh STUN/TURN servers (TURN credentials expire; see engine.coordinator.turn).
 ICE_SERVERS = "ice_servers"
 
@@ -100,6 +102,8 @@ class SignalingClient:
         self.closed = asyncio.Event()
         #: set when the coordinator closed our socket because our key connected again elsewhere
         self.replaced = False
+        #: why the coordinator banned us (CLOSE_BANNED), if it did
+        self.banned: str | None = None
 
     async def connect(self, extra: dict[str, Any] | None = None, *, timeout_s: float | None = None) -> str:
         """Open the WebSocket and say hello; returns our peer id. Fails fast with a one-line error.
@@ -205,6 +209,8 @@ class SignalingClient:
         finally:
             if ws.close_code == CLOSE_REPLACED:
                 self.replaced = True
+            elif ws.close_code == CLOSE_BANNED:
+                self.banned = "a spot check caught it returning wrong work"
             pinger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pinger
@@ -229,6 +235,8 @@ class SignalingClient:
             await self.run()
             if stopping():
                 return
+            if self.banned is not None:
+                raise CoordinatorError(f"the coordinator banned this {self.role}: {self.banned}")
             if self.replaced:  # reconnecting would only take the id back and start a tug of war
                 raise CoordinatorError(
                     f"another process connected to the coordinator with this {self.role}'s identity key "

@@ -1,0 +1,133 @@
+"""Calibrating spot checks: how far honest routes drift from the reference, and how far perturbed ones do.
+
+``emulate_route`` runs a route in this process the way nodes do: one step at a time with each
+hop's KV cache, each boundary's hidden state through the wire codec, optionally with the nodes'
+weights in another dtype (bf16 stands in for other hardware) and one hop perturbing what it sends
+as a Byzantine node would (``--perturb`` of ``kluster node``). ``measure`` compares a run with the
+reference the coordinator computes and returns every view's relative errors, which
+``kluster bench verify`` prints beside the tolerance in force.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from engine.audit.judge import View, blame, view
+from engine.audit.reference import Tolerance, compute_reference
+from engine.audit.sketch import RECEIVED, SENT, projection, relative_errors, sketch
+from engine.models.llama import FragmentModel, attention_mask
+from engine.protocol import codec as wire_codec
+
+
+@dataclass(frozen=True)
+class RouteRun:
+    """What an emulated route's hops would have recorded: the first hop's tokens, the boundaries' states."""
+
+    tokens: list[int]
+    prompt: int
+    sent: list[torch.Tensor]
+    received: list[torch.Tensor]
+
+
+def node_copy(model: FragmentModel, dtype: torch.dtype) -> FragmentModel:
+    """The model as a node with other hardware would hold it (``dtype`` weights)."""
+    return model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+
+
+@torch.inference_mode()
+def emulate_route(
+    model: FragmentModel,
+    prompt: list[int],
+    hops: list[tuple[int, int]],
+    new_tokens: int,
+    *,
+    codec: str = wire_codec.DEFAULT_CODEC,
+    perturb: float = 0.0,
+    perturb_hop: int = 0,
+    seed: int = 0,
+) -> RouteRun:
+    """Greedy-decode ``new_tokens`` after ``prompt`` step by step through ``hops`` of ``model``."""
+    if model.embed_tokens is None or model.norm is None or model.lm_head is None:
+        raise ValueError("the emulated route needs the whole model")
+    gen = torch.Generator().manual_seed(seed)
+    dtype = model.layers[0].qkv.weight.dtype
+    cache = model.new_cache(len(prompt) + new_tokens + 1)
+    tokens = list(prompt)
+    sent: list[list[torch.Tensor]] = [[] for _ in hops[:-1]]
+    received: list[list[torch.Tensor]] = [[] for _ in hops[:-1]]
+    pos, feed = 0, list(prompt)
+    for _ in range(new_tokens):
+        x = model.embed_tokens(torch.tensor([feed])).to(dtype)
+        t = x.shape[1]
+        cos, sin = model.rotary(pos, t, dtype, x.device)
+        mask = attention_mask(pos, t, model.cfg.sliding_window, x.device)
+        for index, (start, end) in enumerate(hops):
+            for layer in range(start, end):
+                x = model.layers[layer](x, cos, sin, cache, layer, pos, mask)
+            if index < len(hops) - 1:
+                if perturb and index == perturb_hop:
+                    noise = torch.randn(x.shape, generator=gen).to(dtype)
+                    x = x + perturb * noise * x.norm(dim=-1, keepdim=True) / (x.shape[-1] ** 0.5)
+                sent[index].append(x[0].float())
+                if codec != wire_codec.DEFAULT_CODEC:
+                    header, payload = wire_codec.encode(x[0].float(), codec)
+                    x = wire_codec.decode(header, payload).unsqueeze(0).to(dtype)
+                received[index].append(x[0].float())
+        cache.length = pos + t
+        logits = model.lm_head(model.norm(x[:, -1:])).float()
+        nxt = int(logits[0, -1].argmax())
+        pos += t
+        feed = [nxt]
+        tokens.append(nxt)
+    # the last sampled token is never fed: the trail (and so the check) ends before it
+    return RouteRun(tokens[:-1], len(prompt), [torch.cat(s) for s in sent], [torch.cat(r) for r in received])
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One run against the reference: the worst relative error of any view, the worst token gap,
+    and what the judge makes of it under ``tolerance``."""
+
+    positions: int
+    max_error: float
+    errors: list[float]
+    max_gap: float
+    guilty: tuple[int, ...]
+    disputes: tuple[tuple[int, int], ...]
+    rewind_to: int | None
+
+
+def measure(
+    reference_model: FragmentModel,
+    run: RouteRun,
+    hops: list[tuple[int, int]],
+    tolerance: Tolerance,
+    *,
+    codec: str = wire_codec.DEFAULT_CODEC,
+    key: bytes = b"calibration",
+) -> Measured:
+    """Compare ``run`` with the reference as the coordinator does (sketches under secret keys)."""
+    ref = compute_reference(reference_model, run.tokens, hops, codec=codec)
+    hidden = reference_model.cfg.hidden_size
+    errors: list[float] = []
+    received: list[View] = []
+    sent: list[View] = []
+    for b in range(len(hops) - 1):
+        p_sent = projection(key + bytes([b]), SENT, hidden)
+        p_got = projection(key + bytes([b + 1]), RECEIVED, hidden)
+        e_sent = relative_errors(sketch(run.sent[b], p_sent), sketch(ref.sent[b], p_sent), ref.sent[b]).tolist()
+        e_got = relative_errors(sketch(run.received[b], p_got), sketch(ref.received[b], p_got), ref.received[b])
+        e_got = e_got.tolist()
+        errors += e_sent + e_got
+        sent.append(view(e_sent, tolerance.hidden, tolerance.hidden_low))
+        received.append(view(e_got, tolerance.hidden, tolerance.hidden_low))
+    gaps = ref.gaps.tolist()
+    generated = range(max(run.prompt, 1), len(run.tokens))
+    token_dev = next((q for q in generated if gaps[q - 1] > tolerance.logit_gap), None)
+    max_gap = max((gaps[q - 1] for q in generated), default=0.0)
+    found = blame(len(hops), received, sent, token_dev)
+    worst = max(errors, default=0.0)
+    return Measured(len(run.tokens), worst, errors, max_gap, found.guilty, found.disputes, found.rewind_to)

@@ -1,0 +1,272 @@
+"""Spot-check verification parts: the judge (pure), sketches, the node's trail, the reference, forfeits."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.audit.calibrate import emulate_route, measure
+from engine.audit.judge import View, blame, view
+from engine.audit.reference import Tolerance, compute_reference
+from engine.audit.sketch import MAX_AUDIT_POSITIONS, SKETCH_DIM, decode_rows, encode_rows, node_key, projection
+from engine.audit.trail import AuditTrail
+from engine.client.receipts import Countersigner
+from engine.coordinator.billing import Billing, Hop
+from engine.errors import ProtocolError
+from engine.ledger.chain import Kind
+from engine.ledger.credit import Reject
+from engine.ledger.pricing import Pricing
+from engine.ledger.store import Ledger
+from engine.models.loading import load_model
+from engine.node.receipts import ReceiptKeeper
+from engine.transport.identity import Identity
+
+CLEAN = View()
+
+
+def off(p: int) -> View:
+    """A view clearly wrong from position ``p`` (beyond both thresholds there)."""
+    return View(p, p)
+
+
+# -- the judge -------------------------------------------------------------------------------------
+
+
+def test_nothing_deviating_passes() -> None:
+    found = blame(3, [CLEAN, CLEAN], [CLEAN, CLEAN], None)
+    assert not found.failed and found.guilty == () and found.rewind_to is None
+
+
+@pytest.mark.parametrize("culprit", [0, 1])
+def test_a_hop_sending_wrong_states_is_guilty_and_its_successors_are_not(culprit: int) -> None:
+    received = [CLEAN, CLEAN]
+    sent = [CLEAN, CLEAN]
+    received[culprit], sent[culprit] = off(5), off(5)
+    if culprit == 0:  # what hop 1 then computes is off from 5 on, and so are the tokens after
+        received[1], sent[1] = off(5), off(5)
+    found = blame(3, received, sent, token_dev=7)
+    assert found.guilty == (culprit,) and found.disputes == ()
+    assert found.rewind_to == 6  # the first token computed from the wrong state
+
+
+def test_a_last_hop_returning_wrong_tokens_is_guilty() -> None:
+    found = blame(3, [CLEAN, CLEAN], [CLEAN, CLEAN], token_dev=40)
+    assert found.guilty == (2,) and found.rewind_to == 40
+
+
+def test_a_one_hop_route_with_a_wrong_token_blames_its_hop() -> None:
+    assert blame(1, [], [], token_dev=12).guilty == (0,)
+
+
+def test_sender_and_receiver_contradicting_each_other_is_a_dispute_not_a_ban() -> None:
+    # the sender says it sent the right thing, the receiver says it got something else: one lies
+    found = blame(3, [off(3), off(3)], [CLEAN, off(3)], token_dev=None)
+    assert found.guilty == () and found.disputes == ((0, 1),) and found.rewind_to == 4
+
+
+def test_an_honest_hop_amplifying_a_small_error_it_was_fed_is_not_blamed() -> None:
+    # hop 0 sends states off by a little (beyond honest noise, below the tolerance); hop 1 makes
+    # that clearly wrong: hop 1's input showed the deviation first, so hop 1 is no culprit
+    small = View(None, 2)
+    found = blame(3, [small, off(4)], [small, off(4)], token_dev=None)
+    assert 1 not in found.guilty and found.failed
+
+
+def test_tokens_told_differently_to_client_and_first_hop_is_a_dispute() -> None:
+    found = blame(3, [CLEAN, CLEAN], [CLEAN, CLEAN], None, tokens_disagree_at=20)
+    assert found.guilty == () and (0, 2) in found.disputes and found.rewind_to == 20
+
+
+@st.composite
+def _one_culprit(draw: st.DrawFn) -> tuple[int, int, list[View], list[View], int | None]:
+    """A route where one hop perturbs from position p, and honest hops behave as the judge assumes:
+    an honest hop's output goes clearly wrong (``high``) no earlier than its input showed any
+    deviation beyond honest noise (``low``); below that, anything (it may amplify sub-threshold error)."""
+    hops = draw(st.integers(1, 5))
+    culprit = draw(st.integers(0, hops - 1))
+    p = draw(st.integers(0, 60))
+    received, sent = [CLEAN] * (hops - 1), [CLEAN] * (hops - 1)
+    upstream_low: int | None = p
+    for b in range(culprit, hops - 1):  # the culprit's own boundary and every one after it
+        if upstream_low is None:  # its input never deviated: an honest hop's output does not either
+            break
+        if b == culprit:
+            received[b] = View(p, p)
+        else:
+            low = draw(st.one_of(st.none(), st.integers(p, p + 20)))
+            floor = max(upstream_low, low if low is not None else upstream_low)
+            high = draw(st.one_of(st.none(), st.integers(floor, floor + 20)))
+            received[b] = View(high, low if low is not None or high is None else high)
+        # an honest sender's own view sees what it sends: off from p on, as its receiver's is
+        sent[b] = View(draw(st.one_of(st.none(), st.integers(p, p + 20))), draw(st.integers(p, p + 20)))
+        upstream_low = received[b].low
+    if culprit == hops - 1:
+        token = p + 1
+    elif upstream_low is None:
+        token = None
+    else:
+        token = draw(st.one_of(st.none(), st.integers(upstream_low + 1, upstream_low + 30)))
+    return hops, culprit, received, sent, token
+
+
+@settings(max_examples=300, deadline=None)
+@given(_one_culprit())
+def test_property_only_the_perturbing_hop_is_ever_found_guilty(case: tuple) -> None:
+    hops, culprit, received, sent, token = case
+    found = blame(hops, received, sent, token)
+    assert found.failed
+    assert set(found.guilty) <= {culprit}
+    for a, b in found.disputes:  # a dispute always involves the culprit's link
+        assert culprit in (a, b)
+    assert found.rewind_to is not None and found.rewind_to <= (token if token is not None else 10**9)
+
+
+def test_view_finds_first_positions() -> None:
+    assert view([0.01, 0.2, 0.5, 0.1], 0.3, 0.15) == View(2, 1)
+    assert view([0.01] * 4, 0.3, 0.15) == View(None, None)
+
+
+# -- sketches and the node's trail ------------------------------------------------------------------
+
+
+def test_sketch_rows_round_trip_and_refuse_malformed_input() -> None:
+    rows = torch.randn(5, SKETCH_DIM)
+    assert torch.equal(decode_rows(encode_rows(rows), 5), rows)
+    with pytest.raises(ProtocolError):
+        decode_rows(encode_rows(rows), 4)
+    with pytest.raises(ProtocolError):
+        decode_rows("not base64!", 1)
+    with pytest.raises(ProtocolError):
+        decode_rows(encode_rows(torch.full((1, SKETCH_DIM), float("nan"))), 1)
+    with pytest.raises(ProtocolError):
+        decode_rows(12, 1)
+
+
+def test_projection_keys_are_per_node_and_deterministic() -> None:
+    secret = b"s" * 32
+    a, b = node_key(secret, "n-a"), node_key(secret, "n-b")
+    assert a != b and node_key(secret, "n-a") == a
+    assert torch.equal(projection(a, "sent", 16), projection(a, "sent", 16))
+    assert not torch.equal(projection(a, "sent", 16), projection(a, "received", 16))
+
+
+def test_trail_reports_what_was_recorded_and_follows_rewinds() -> None:
+    trail = AuditTrail()
+    trail.record("s", 0, torch.randn(4, 8), torch.randn(4, 8), "fp32")  # no key yet: nothing kept
+    assert "missing" in trail.report("s", 4)
+    trail.set_key(b"k" * 32)
+    first = torch.randn(4, 8)
+    trail.record("s", 0, first, first * 2, "fp32")
+    trail.record("s", 4, torch.randn(1, 8), torch.randn(1, 8), "fp32")
+    body = trail.report("s", 5)
+    assert body["positions"] == 5 and "tokens" not in body
+    got = decode_rows(body["received"], 5)
+    assert torch.allclose(got[:4], first @ projection(b"k" * 32, "received", 8))
+    trail.record("s", 2, torch.randn(1, 8), torch.randn(1, 8), "fp32")  # a rewind to position 2
+    assert trail.report("s", 3)["positions"] == 3 and "missing" in trail.report("s", 4)
+    assert "missing" in trail.report("other", 1)
+
+
+def test_first_hop_trail_keeps_token_ids_and_last_hop_keeps_no_sent_view() -> None:
+    trail = AuditTrail()
+    trail.set_key(b"k" * 32)
+    trail.record("s", 0, torch.tensor([5, 6, 7]), None, "int8")
+    body = trail.report("s", 3)
+    assert body["tokens"] == [5, 6, 7] and body["codec"] == "int8" and "sent" not in body
+
+
+def test_trail_of_a_session_too_long_to_audit_says_so() -> None:
+    trail = AuditTrail()
+    trail.set_key(b"k" * 32)
+    trail.record("s", 0, torch.zeros(MAX_AUDIT_POSITIONS + 1, dtype=torch.int64), None, "fp32")
+    assert "outgrew" in trail.report("s", 1)["missing"]
+
+
+# -- the reference against an emulated route (the tiny model) -----------------------------------------
+
+
+def test_reference_matches_an_honest_route_and_catches_a_perturbing_hop(tiny_model_dir: Path) -> None:
+    model = load_model(tiny_model_dir)
+    layers = model.cfg.num_hidden_layers
+    hops = [(0, 2), (2, 4), (4, layers)]
+    prompt = [3, 14, 15, 92, 65, 35]
+    honest = measure(model, emulate_route(model, prompt, hops, 12), hops, Tolerance())
+    assert honest.max_error < 1e-4 and honest.guilty == () and honest.rewind_to is None
+    for codec in ("int8", "bf16"):
+        run = emulate_route(model, prompt, hops, 12, codec=codec)
+        assert measure(model, run, hops, Tolerance(), codec=codec).rewind_to is None
+    for hop in (0, 1):
+        bad = measure(model, emulate_route(model, prompt, hops, 12, perturb=1.0, perturb_hop=hop), hops, Tolerance())
+        assert bad.guilty == (hop,) and bad.rewind_to is not None and bad.rewind_to <= len(prompt)
+
+
+def test_reference_skips_layers_and_refuses_routes_that_do_not_cover_the_model(tiny_model_dir: Path) -> None:
+    model = load_model(tiny_model_dir)
+    layers = model.cfg.num_hidden_layers
+    ref = compute_reference(model, [1, 2, 3], [(0, 2), (3, layers)], skip=frozenset({2}))
+    assert len(ref.sent) == 1 and ref.greedy.shape == (3,)
+    with pytest.raises(ValueError):
+        compute_reference(model, [1, 2, 3], [(0, 2), (3, layers)])
+
+
+# -- forfeits ---------------------------------------------------------------------------------------------
+
+
+def _credited(billing: Billing, node: Identity, client: Identity, job: str, tokens: int) -> None:
+    keeper = ReceiptKeeper(node, node.peer_id("n"), every=1)
+    signer = Countersigner(client)
+    signer.job_started(job, "m", {node.peer_id("n"): (0, 10)})
+    signer.requested(job, tokens)
+    signed = keeper.record(
+        job, "s", model="m", fragment_id="f0", layers=(0, 10), tokens=tokens, input_bytes=b"i", output_bytes=b"o"
+    )
+    countersigned = signer.consider(signed.to_json() if signed else None)
+    assert countersigned is not None
+    assert asyncio.run(billing.submit(countersigned)).ok
+
+
+def test_a_banned_supplier_loses_the_job_earnings_and_earns_nothing_more(tmp_path: Path) -> None:
+    good, bad, client = Identity.ephemeral(), Identity.ephemeral(), Identity.ephemeral()
+    billing = Billing(Ledger(tmp_path / "ledger.sqlite3"), Pricing(default=1_000_000))
+    for job in ("job-1", "job-2"):
+        for node in (good, bad):
+            billing.assign(
+                job,
+                client=client.peer_id("c"),
+                developer="dev",
+                model="m",
+                model_layers=20,
+                hops=[Hop(node.peer_id("n"), "f0", (0, 10))],
+            )
+            _credited(billing, node, client, job, 8)
+    bad_id, good_id = bad.peer_id("n"), good.peer_id("n")
+    before = billing.ledger.spend("dev").total.amount
+    taken = asyncio.run(billing.forfeit("job-1", bad_id))
+    assert taken > 0
+    assert billing.ledger.earnings(bad_id).per_job["job-1"].amount == 0
+    assert billing.ledger.earnings(bad_id).per_job["job-2"].amount > 0  # other jobs: not judged here
+    assert billing.ledger.earnings(good_id).per_job["job-1"].amount > 0
+    assert billing.ledger.spend("dev").total.amount == before - taken  # the developer is refunded
+    assert asyncio.run(billing.forfeit("job-1", bad_id)) == 0  # nothing more to take
+    assert billing.ledger.verify().ok
+    assert {Kind(r.kind) for r in billing.ledger.rows()} >= {Kind.CLAWBACK, Kind.REFUND}
+    # later receipts of the banned supplier earn nothing, whatever the job
+    keeper = ReceiptKeeper(bad, bad_id, every=1)
+    signer = Countersigner(client)
+    signer.job_started("job-2", "m", {bad_id: (0, 10)})
+    signer.requested("job-2", 100)
+    keeper.record(
+        "job-2", "s", model="m", fragment_id="f0", layers=(0, 10), tokens=8, input_bytes=b"", output_bytes=b""
+    )
+    late = keeper.record(
+        "job-2", "s", model="m", fragment_id="f0", layers=(0, 10), tokens=1, input_bytes=b"", output_bytes=b""
+    )
+    countersigned = signer.consider(late.to_json() if late else None)
+    assert countersigned is not None
+    assert asyncio.run(billing.submit(countersigned)).reject is Reject.BANNED
+    billing.close()
