@@ -115,7 +115,9 @@ def test_byzantine_node_is_caught_banned_unpaid_and_the_output_is_the_honest_one
     print(f"\nbyzantine node-2: coordinator at the ban {at_ban}; client {spot}")
     assert spot["guilty"] == ["node-2"] and spot["disputed"] == []
     # detected within the first checks: every audit the coordinator had made when it banned node-2
-    assert 1 <= at_ban["audits"] <= MAX_CHECKS_TO_DETECT and at_ban["failed"] >= 1 and at_ban["passed"] == 0
+    # (one may pass first: as the last hop, node-2's output is tokens, and a check of the prefill
+    # step covers no token of its yet)
+    assert 1 <= at_ban["audits"] <= MAX_CHECKS_TO_DETECT and at_ban["failed"] >= 1
     # banned: its process was turned away with a one-line reason, and it earned nothing
     assert grid.node_procs["node-2"].wait(timeout=30) != 0
     assert "banned" in (grid.log_dir / "node-2.log").read_text()
