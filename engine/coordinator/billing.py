@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 #: micro-units per million tokens when no price is configured (0.20 per million tokens)
 DEFAULT_PRICE_PER_MTOK = 200_000
+#: billing jobs (routes) remembered: past this the oldest is forgotten, and a receipt for it comes
+#: too late to earn (a route is one generation; 20,000 newer ones come long after its last receipt)
+MAX_JOBS = 20_000
 #: token positions a route's job may run when the route request does not say (the client's
 #: countersignature is the real bound: it signs only what it asked for)
 DEFAULT_JOB_TOKENS = 1 << 20
@@ -92,8 +95,9 @@ class Billing:
         self._hub = hub
         #: peer id -> the account a credit goes to (its node's account with auth on)
         self._supplier_account = supplier_account
-        #: job -> its client's peer id (where the job's receipts are relayed)
+        #: job -> its client's peer id (where the job's receipts are relayed), oldest first
         self._clients: dict[str, str] = {}
+        self.max_jobs = MAX_JOBS
         #: suppliers (peer ids) a spot check caught: their receipts earn nothing from then on
         self.banned: set[str] = set()
         #: ledger writes one at a time: a forfeit must see every credit already decided
@@ -129,6 +133,10 @@ class Billing:
                 )
             )
         self._clients[job_id] = client
+        while len(self._clients) > self.max_jobs:  # bounded memory: the oldest job goes
+            oldest = next(iter(self._clients))
+            del self._clients[oldest]
+            self.book.forget(oldest)
 
     def client_of(self, job_id: str, supplier: str) -> str | None:
         """The client to relay ``supplier``'s receipt for ``job_id`` to; None when it was never assigned."""

@@ -186,9 +186,12 @@ class CreditBook:
     def __init__(self) -> None:
         self._assignments: dict[tuple[str, str], Assignment] = {}
         self._credited: dict[tuple[str, str], Credited] = {}
+        #: job -> its suppliers, so forgetting a job does not scan every job's keys
+        self._suppliers: dict[str, set[str]] = {}
 
     def assign(self, assignment: Assignment) -> None:
         self._assignments[(assignment.job_id, assignment.supplier)] = assignment
+        self._suppliers.setdefault(assignment.job_id, set()).add(assignment.supplier)
 
     def assignment(self, job_id: str, supplier: str) -> Assignment | None:
         return self._assignments.get((job_id, supplier))
@@ -217,9 +220,9 @@ class CreditBook:
 
     def forget(self, job_id: str) -> None:
         """Drop a finished job: later receipts for it earn nothing (no assignment)."""
-        for store in (self._assignments, self._credited):
-            for key in [k for k in store if k[0] == job_id]:
-                del store[key]
+        for supplier in self._suppliers.pop(job_id, ()):
+            self._assignments.pop((job_id, supplier), None)
+            self._credited.pop((job_id, supplier), None)
 
     def restore(self, receipts: Iterable[str]) -> int:
         """Rebuild the last credited state from the receipt JSON of credit rows (``Ledger.receipts()``)

@@ -270,3 +270,18 @@ def test_a_banned_supplier_loses_the_job_earnings_and_earns_nothing_more(tmp_pat
     assert countersigned is not None
     assert asyncio.run(billing.submit(countersigned)).reject is Reject.BANNED
     billing.close()
+
+
+def test_billing_forgets_the_oldest_jobs_past_its_bound(tmp_path: Path) -> None:
+    node, client = Identity.ephemeral(), Identity.ephemeral()
+    billing = Billing(Ledger(tmp_path / "ledger.sqlite3"), Pricing(default=1_000_000))
+    billing.max_jobs = 2
+    for job in ("job-1", "job-2", "job-3"):
+        billing.assign(
+            job, client=client.peer_id("c"), developer="d", model="m", model_layers=20,
+            hops=[Hop(node.peer_id("n"), "f0", (0, 10))],
+        )
+    assert billing.client_of("job-1", node.peer_id("n")) is None  # forgotten: its receipts earn nothing
+    assert billing.client_of("job-3", node.peer_id("n")) == client.peer_id("c")
+    _credited(billing, node, client, "job-2", 4)
+    billing.close()
