@@ -51,6 +51,8 @@ class Placer:
         """The model a new node should serve: the one with the fewest nodes (ties: the first by id)."""
         if not self.layouts:
             return None
+        if len(self.layouts) == 1:  # the usual grid: no need to count every node at every join
+            return next(iter(self.layouts))
         count = dict.fromkeys(self.layouts, 0)
         for n in self._nodes.values():
             if n.model_id in count and not n.retired:
