@@ -47,6 +47,8 @@ class Blame:
     rewind_to: int | None = None
     #: something deviated beyond the tolerance
     failed: bool = False
+    #: the disputes about what crossed a link between two hops (the others: client vs route tokens)
+    links: tuple[tuple[int, int], ...] = ()
 
 
 def _lt(a: int | None, b: int | None) -> bool:
@@ -86,10 +88,7 @@ def blame(
     )
     if not failed:
         return Blame()
-    disputes: set[tuple[int, int]] = set()
-    if tokens_disagree_at is not None:
-        # the last hop told the client one token and the first hop another, or one of them lies
-        disputes.add((0, hops - 1))
+    links: set[tuple[int, int]] = set()
     # per hop: where its output is clearly wrong, and where its input first shows any deviation
     out_high: list[int | None] = [v.high for v in received] + [None if token_dev is None else token_dev - 1]
     in_low: list[int | None] = [token_dev] + [v.low for v in received]
@@ -101,15 +100,17 @@ def blame(
         if b == hops - 1 or admitted:
             guilty.add(b)
         else:
-            disputes.add((b, b + 1))
+            links.add((b, b + 1))
     rewind = _min(token_dev, tokens_disagree_at, *[_after(v.low if v.high is not None else v.high) for v in received])
-    if not guilty and not disputes:
-        # clearly off somewhere, yet no hop's output went wrong before its input: near the thresholds
-        first = min(
-            (b for b in range(hops - 1) if received[b].high is not None or sent[b].high is not None), default=hops - 2
-        )
-        disputes.add((max(first, 0), max(first, 0) + 1) if hops > 1 else (0, 0))
-    return Blame(tuple(sorted(guilty)), tuple(sorted(disputes)), rewind, True)
+    near = [b for b in range(hops - 1) if received[b].high is not None or sent[b].high is not None]
+    if not guilty and not links and near:
+        # clearly off at a link, yet no hop's output went wrong before its input: near the thresholds
+        links.add((near[0], near[0] + 1))
+    disputes = set(links)
+    if tokens_disagree_at is not None:
+        # the last hop told the client one token and the first hop another, or one of them lies
+        disputes.add((0, hops - 1))
+    return Blame(tuple(sorted(guilty)), tuple(sorted(disputes)), rewind, True, tuple(sorted(links)))
 
 
 def view(errors: list[float], high: float, low: float) -> View:

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 #: how long ``settle`` waits for the checks still running at the end of a generation
 SETTLE_S = 60.0
+#: rewinds a session takes at most: a failed check that names nobody to avoid would otherwise
+#: have the same route regenerate the same output, fail again, and never finish
+MAX_REWINDS = 3
 
 
 @dataclass
@@ -35,6 +38,8 @@ class SpotStats:
     unavailable: int = 0
     busy: int = 0
     errors: int = 0
+    #: failed checks whose rewind was not taken (the session had rewound MAX_REWINDS times)
+    unresolved: int = 0
     #: positions covered by the checks that passed (a position is counted once per check)
     positions_passed: int = 0
     #: generated tokens (steps) covered by a passing check, each counted once per session
@@ -51,6 +56,7 @@ class SpotStats:
             "unavailable": self.unavailable,
             "busy": self.busy,
             "errors": self.errors,
+            "unresolved": self.unresolved,
             "positions_passed": self.positions_passed,
             "steps_verified": self.steps_verified,
             "guilty": list(self.guilty),
@@ -80,6 +86,7 @@ class SpotChecker:
         self._events: dict[str, list[dict[str, Any]]] = {}
         #: per session, the most generated positions a passing check covered
         self._covered: dict[str, int] = {}
+        self._rewound: dict[str, int] = {}
 
     def maybe_check(self, session: str, body: dict[str, Any]) -> None:
         """Check this step with probability ``fraction`` (``body`` is the ``/v1/audit`` request)."""
@@ -129,7 +136,12 @@ class SpotChecker:
         self.stats.guilty.extend(n for n in guilty if n not in self.stats.guilty)
         self.stats.disputed.extend(n for n in disputed if n not in self.stats.disputed)
         rewind = verdict.get("rewind_to")
-        if isinstance(rewind, int):
+        if isinstance(rewind, int) and session not in self._rewinds and self._rewound.get(session, 0) >= MAX_REWINDS:
+            self.stats.unresolved += 1
+            log.error("spot check failed again after %d rewinds; not regenerating once more", MAX_REWINDS)
+        elif isinstance(rewind, int):
+            if session not in self._rewinds:
+                self._rewound[session] = self._rewound.get(session, 0) + 1
             self._rewinds[session] = min(rewind, self._rewinds.get(session, rewind))
         log.warning("spot check failed: guilty %s, disputed %s, regenerate from position %s", guilty, disputed, rewind)
         self._events.setdefault(session, []).append(

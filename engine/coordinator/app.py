@@ -73,7 +73,7 @@ from engine.coordinator.placer import Measurement, Placer
 from engine.coordinator.ratelimit import RateLimits
 from engine.coordinator.registry import NodeRow, Registry
 from engine.coordinator.turn import TurnConfig
-from engine.coordinator.verifier import AuditHop, RouteRecord, Verifier
+from engine.coordinator.verifier import AuditHop, RouteRecord, Verifier, repeat_offenders
 from engine.errors import ConfigError, CoordinatorError, FragmentError, IdentityError, KlusterError, NoRouteError
 from engine.fragments.manifest import CONFIG, WEIGHTS
 from engine.fragments.pack import TOKENIZER_FILES
@@ -287,6 +287,9 @@ class Coordinator:
         )
         #: nodes a spot check caught: peer id -> why (they may not register again)
         self._banned = self.registry.banned()
+        #: node -> the nodes it was in a link dispute with (this run; see verifier.DISPUTE_PARTNERS)
+        self._dispute_partners: dict[str, set[str]] = {}
+        self._names: dict[str, str] = {}
         self.billing.banned.update(self._banned)
         self._runner: web.AppRunner | None = None
         self._closed = False
@@ -581,6 +584,14 @@ class Coordinator:
             return _error(400, exc, "bad_request")
         for culprit in verdict.get("guilty", ()):
             await self._ban(culprit["peer_id"], culprit["name"], job, f"returned wrong work on job {job}")
+        for a, b in verdict.get("link_disputes", ()):
+            self._dispute_partners.setdefault(a["peer_id"], set()).add(b["peer_id"])
+            self._dispute_partners.setdefault(b["peer_id"], set()).add(a["peer_id"])
+            self._names.update({a["peer_id"]: a["name"], b["peer_id"]: b["name"]})
+        for peer in repeat_offenders(self._dispute_partners):
+            partners = len(self._dispute_partners[peer])
+            reason = f"contradicted {partners} different nodes about what it sent or received"
+            await self._ban(peer, self._names.get(peer, peer), job, reason)
         return web.json_response(verdict)
 
     async def _ban(self, peer_id: str, name: str, job: str, reason: str) -> None:

@@ -50,6 +50,9 @@ REPLY_TIMEOUT_S = 10.0
 MAX_PENDING = 8
 #: routes remembered for audits (oldest forgotten first)
 MAX_ROUTES = 4096
+#: a node in link disputes with this many different nodes is banned: an honest node is in dispute
+#: only with a partner that lies, so framing it takes that many colluding liars
+DISPUTE_PARTNERS = 3
 
 
 @dataclass(frozen=True)
@@ -286,8 +289,18 @@ class Verifier:
             "max_error": round(worst, 6),
             "guilty": [who(b) for b in found.guilty],
             "disputed": [[who(a), who(b)] for a, b in found.disputes],
+            "link_disputes": [[who(a), who(b)] for a, b in found.links],
             "rewind_to": found.rewind_to,
         }
+
+
+def repeat_offenders(partners: dict[str, set[str]], threshold: int = DISPUTE_PARTNERS) -> list[str]:
+    """Nodes in link disputes with at least ``threshold`` different nodes (pure; see DISPUTE_PARTNERS).
+
+    One dispute cannot say which side lied; a node that contradicts many different partners, each
+    of which agrees with everyone else, is the liar.
+    """
+    return sorted(node for node, others in partners.items() if len(others) >= threshold)
 
 
 def _parse_reply(answer: dict[str, Any], positions: int, index: int, hops: int, codec: str) -> _Reply:

@@ -16,7 +16,9 @@ from engine.audit.reference import Tolerance, compute_reference
 from engine.audit.sketch import MAX_AUDIT_POSITIONS, SKETCH_DIM, decode_rows, encode_rows, node_key, projection
 from engine.audit.trail import AuditTrail
 from engine.client.receipts import Countersigner
+from engine.client.spotcheck import MAX_REWINDS, SpotChecker, SpotStats
 from engine.coordinator.billing import Billing, Hop
+from engine.coordinator.verifier import repeat_offenders
 from engine.errors import ProtocolError
 from engine.ledger.chain import Kind
 from engine.ledger.credit import Reject
@@ -80,6 +82,31 @@ def test_an_honest_hop_amplifying_a_small_error_it_was_fed_is_not_blamed() -> No
 def test_tokens_told_differently_to_client_and_first_hop_is_a_dispute() -> None:
     found = blame(3, [CLEAN, CLEAN], [CLEAN, CLEAN], None, tokens_disagree_at=20)
     assert found.guilty == () and (0, 2) in found.disputes and found.rewind_to == 20
+    assert found.links == ()  # not about a link: a lying client must not count against nodes
+
+
+def test_a_node_contradicting_three_different_partners_is_the_liar() -> None:
+    partners = {"liar": {"a", "b"}, "a": {"liar"}, "b": {"liar"}}
+    assert repeat_offenders(partners) == []
+    partners["liar"].add("c")
+    partners["c"] = {"liar"}
+    assert repeat_offenders(partners) == ["liar"]  # its honest partners each have one dispute only
+
+
+def test_spot_checker_stops_regenerating_after_max_rewinds() -> None:
+    async def run() -> SpotStats:
+        async def post(body: dict) -> dict:
+            return {"status": "fail", "guilty": [], "disputed": [], "rewind_to": 40}
+
+        checker = SpotChecker(1.0, post, lambda _peer: None)
+        for _ in range(MAX_REWINDS + 2):
+            checker.maybe_check("s", {"prompt_tokens": 30})
+            await checker.settle("s")
+            assert checker.pending_rewind("s") in (40, None)
+        return checker.stats
+
+    stats = asyncio.run(run())
+    assert stats.failed == MAX_REWINDS + 2 and stats.unresolved == 2
 
 
 @st.composite
