@@ -40,6 +40,8 @@ class LaunchSpec:
     activation: float = 1.0
     #: recorded in the job's params for the coordinator; the prompt is never sent there either way
     private: bool = False
+    #: share of steps the coordinator re-executes to catch nodes returning wrong work (0: off)
+    spot_check: float = 0.0
     #: queue until nodes serve the model, instead of failing at once
     wait_for_route: bool = False
 
@@ -57,6 +59,8 @@ class LaunchSpec:
             params["activation"] = self.activation
         if self.private:
             params["private"] = True
+        if self.spot_check > 0:
+            params["spot_check"] = self.spot_check
         return params
 
 
@@ -186,6 +190,11 @@ class LocalJob:
         self.last_token_at = now
         self.rate.add(1, now)
         self._changed()
+
+    def rewind(self, text: str, tokens: int, now: float) -> None:
+        """A failed spot check: the output is cut back to what came before the first suspect token."""
+        self.text, self.tokens = text, tokens
+        self.log(now, f"regenerating from token {tokens}", "warn")
 
     def add_timings(self, timings: list[tuple[str, float, float]]) -> None:
         """One step's per-hop ``(peer_id, queue_ms, compute_ms)``; recolours the hops."""

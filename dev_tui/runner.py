@@ -122,7 +122,13 @@ async def _generate(
 
     spec = job.spec
     pipeline = mods["remote"].RemotePipeline(
-        coordinator, spec.model, activation=spec.activation, name="kluster-tui", route_wait_s=ROUTE_WAIT_S, **extra
+        coordinator,
+        spec.model,
+        activation=spec.activation,
+        name="kluster-tui",
+        route_wait_s=ROUTE_WAIT_S,
+        spot_check=spec.spot_check,
+        **extra,
     )
     try:
         await pipeline.start()
@@ -144,6 +150,12 @@ async def _generate(
                 if event["event"] == "token":
                     job.add_token(str(event["text"]), clock())
                     ticket.tokens = job.tokens
+                elif event["event"] == "rewind":
+                    job.rewind(str(event["text"]), int(event["to_token"]), clock())
+                    ticket.tokens = job.tokens
+                elif event["event"] == "spot_check":
+                    who = ", ".join([*event["guilty"], *event["disputed"]]) or "a node"
+                    job.log(clock(), f"spot check failed: {who} returned wrong work", "error")
                 elif event["event"] == "done":
                     job.done(event, clock())
         finally:

@@ -40,6 +40,7 @@ class FormValues:
     seed: str = "0"
     priority: str = "5"
     activation: str = "1"
+    spot_check: str = "0"
     private: bool = False
     wait_for_route: bool = False
 
@@ -109,6 +110,7 @@ def build_spec(values: FormValues) -> LaunchSpec:
         seed=int(_number(values.seed, "seed", 0, 2**63 - 1, integer=True)),
         priority=int(_number(values.priority, "priority", 0, 9, integer=True)),
         activation=activation,
+        spot_check=_number(values.spot_check, "spot check", 0.0, 1.0),
         private=values.private,
         wait_for_route=values.wait_for_route,
     )
@@ -182,6 +184,7 @@ class LaunchScreen(Screen[LaunchSpec | None]):
                 yield Label("Job", classes="label")
                 yield from self._number("Priority", "priority", "5", "integer")
                 yield from self._number("Activation", "activation", "1", "number")
+                yield from self._number("Spot check", "spot_check", "0", "number")
             with Horizontal(classes="row"):
                 yield Label("Options", classes="label")
                 yield Checkbox("Private", id="private", compact=True)
@@ -224,6 +227,7 @@ class LaunchScreen(Screen[LaunchSpec | None]):
             seed=text("seed"),
             priority=text("priority"),
             activation=text("activation"),
+            spot_check=text("spot_check"),
             private=self.query_one("#private", Checkbox).value,
             wait_for_route=self.query_one("#wait_for_route", Checkbox).value,
         )

@@ -91,6 +91,16 @@ def test_hop_timings_colour_a_slow_hop() -> None:
     assert j.route[1].tok_s == pytest.approx(1000 / 60.5)
 
 
+def test_a_failed_spot_check_cuts_the_output_back() -> None:
+    j = job()
+    j.set_state("running", 101.0)
+    for piece in ("The", " cap", "ital", " of", " Mars"):
+        j.add_token(piece, 101.5)
+    j.rewind("The capital of", 3, 102.0)
+    assert (j.text, j.tokens) == ("The capital of", 3)
+    assert j.events[-1].text == "regenerating from token 3" and j.events[-1].level == "warn"
+
+
 def test_node_gone_marks_the_hop_then_failover_draws_the_new_route() -> None:
     j = job()
     j.set_state("running", 101.0)
@@ -141,9 +151,10 @@ def test_route_chain_fits_80_columns_and_wraps_narrower() -> None:
 
 
 def test_form_checks_name_the_field(tmp_path: Path) -> None:
-    ok = FormValues(model="m", batch=False, prompt="Hi", file="", activation="0.8", private=True)
+    ok = FormValues(model="m", batch=False, prompt="Hi", file="", activation="0.8", private=True, spot_check="0.1")
     spec = build_spec(ok)
     assert spec.prompts == ("Hi",) and spec.activation == 0.8 and spec.params()["private"] is True
+    assert spec.spot_check == 0.1 and spec.params()["spot_check"] == 0.1
     assert "Hi" not in str(spec.params())  # prompts stay on this machine
     for change, message in [
         ({"prompt": "  "}, "type a prompt"),
@@ -151,6 +162,7 @@ def test_form_checks_name_the_field(tmp_path: Path) -> None:
         ({"temperature": "warm"}, "temperature must be a number"),
         ({"priority": "10"}, "priority must be between 0 and 9"),
         ({"activation": "0"}, "activation must be above 0"),
+        ({"spot_check": "1.5"}, "spot check must be between 0 and 1"),
         ({"model": ""}, "pick a model"),
         ({"batch": True, "file": str(tmp_path / "missing.txt")}, "cannot read"),
     ]:
