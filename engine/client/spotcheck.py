@@ -116,6 +116,10 @@ class SpotChecker:
                 self._covered[session] = steps
         elif status == "unavailable":
             self.stats.unavailable += 1
+            # a hop that cannot show its record of work it just did is not routed through again by
+            # us (not banned: a trail can be legitimately gone, e.g. a session past 2,048 positions)
+            for hop in verdict.get("silent", []):
+                self._avoid(str(hop.get("peer_id")))
             log.info("spot check unavailable: %s", verdict.get("silent"))
         elif status == "busy":
             self.stats.busy += 1

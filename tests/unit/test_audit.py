@@ -93,6 +93,33 @@ def test_a_node_contradicting_three_different_partners_is_the_liar() -> None:
     assert repeat_offenders(partners) == ["liar"]  # its honest partners each have one dispute only
 
 
+def test_spot_checker_avoids_culprits_and_hops_that_cannot_show_their_trail() -> None:
+    avoided: list[str] = []
+    verdicts = iter(
+        [
+            {"status": "unavailable", "silent": [{"peer_id": "n-quiet", "name": "quiet", "why": "no trail"}]},
+            {"status": "fail", "guilty": [{"peer_id": "n-bad", "name": "bad"}], "disputed": [], "rewind_to": 9},
+            {"status": "pass", "positions": 20},
+        ]
+    )
+
+    async def run() -> SpotStats:
+        async def post(body: dict) -> dict:
+            return next(verdicts)
+
+        checker = SpotChecker(1.0, post, avoided.append)
+        for session in ("a", "b", "c"):
+            checker.maybe_check(session, {"prompt_tokens": 5})
+            await checker.settle(session)
+        assert checker.pending_rewind("b") == 9 and checker.pending_rewind("b") is None
+        assert checker.take_events("b")[0]["guilty"] == ["bad"]
+        return checker.stats
+
+    stats = asyncio.run(run())
+    assert avoided == ["n-quiet", "n-bad"]
+    assert (stats.unavailable, stats.failed, stats.passed, stats.steps_verified) == (1, 1, 1, 15)
+
+
 def test_spot_checker_stops_regenerating_after_max_rewinds() -> None:
     async def run() -> SpotStats:
         async def post(body: dict) -> dict:
