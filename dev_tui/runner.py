@@ -58,6 +58,13 @@ class _Observed:
     async def close_session(self, session: str) -> None:
         await self.inner.close_session(session)
 
+    def pending_rewind(self, session: str) -> int | None:
+        """A failed spot check's rewind (``generate_events`` asks before each step)."""
+        return self.inner.pending_rewind(session)  # type: ignore[no-any-return]
+
+    async def settle(self, session: str) -> None:
+        await self.inner.settle(session)
+
     def summary(self) -> dict[str, Any]:
         return dict(self.inner.summary())
 

@@ -92,57 +92,58 @@ async def generate_events(
     started = time.perf_counter()
     try:
         pos, feed = 0, ids
-        late: int | None = None  # a rewind found after the last step
+        settled = False  # the spot checks still running were waited for since the last step
         while True:
-            while len(generated) < request.max_new_tokens and finish != "stop":
-                rewind, late = (late if late is not None else _pending_rewind(pipeline, session)), None
-                if rewind is not None and len(ids) + len(generated) > rewind:
-                    # a failed spot check: what comes from ``rewind`` on may be wrong; regenerate it
-                    keep = max(rewind, len(ids)) - len(ids)
-                    del generated[keep:]
-                    stream = StreamDecoder(tokenizer)
-                    for token in generated:
-                        stream.push(token)
-                    full = ids + generated
-                    pos, feed = len(full) - 1, [full[-1]]
-                    yield {"event": "rewind", "to_token": keep, "text": tokenizer.decode(generated)}
-                    finish = "length"
-                    continue
-                index = len(generated)
-                result = await pipeline.step(session, pos, feed, max_tokens, request.sampling, request.stop_ids)
-                pos += len(feed)
-                if index == 0:
-                    prefill_ms = result.wall_ms
-                else:
-                    decode_wall += result.wall_ms
-                    decode_timings.append(result.timings)
-                if index >= 2:
-                    # Not the first decode step: in ring mode its interval starts when token 0 reached
-                    # us, which can be well after the route already began step 1 (we were busy with the
-                    # prefill's reply), so it can be shorter than a whole cycle and the estimate < 0.
-                    network_ms += result.wall_ms - sum(t.compute_ms + t.queue_ms for t in result.timings)
-                    network_steps += 1
-                generated.append(result.token_id)
-                for event in result.events:
-                    yield event
-                yield {
-                    "event": "token",
-                    "index": index,
-                    "token_id": result.token_id,
-                    "text": stream.push(result.token_id),
-                    "ms": round(result.wall_ms, 3),
-                }
-                if result.token_id in request.stop_ids:
-                    finish = "stop"
-                feed = [result.token_id]
-            # spot checks still running may yet find that part of the output must be regenerated
-            settle = getattr(pipeline, "settle", None)
-            if settle is not None:
-                await settle(session)
             rewind = _pending_rewind(pipeline, session)
-            if rewind is None or len(ids) + len(generated) <= rewind:
-                break
-            late = rewind
+            if rewind is not None and len(ids) + len(generated) > rewind:
+                # a failed spot check: what comes from ``rewind`` on may be wrong; regenerate it
+                keep = max(rewind, len(ids)) - len(ids)
+                del generated[keep:]
+                stream = StreamDecoder(tokenizer)
+                for token in generated:
+                    stream.push(token)
+                full = ids + generated
+                pos, feed = len(full) - 1, [full[-1]]
+                yield {"event": "rewind", "to_token": keep, "text": tokenizer.decode(generated)}
+                finish, settled = "length", False
+                continue
+            if len(generated) >= request.max_new_tokens or finish == "stop":
+                if settled:
+                    break
+                # checks still running may yet find that part of the output must be regenerated
+                settle = getattr(pipeline, "settle", None)
+                if settle is not None:
+                    await settle(session)
+                settled = True
+                continue
+            index = len(generated)
+            result = await pipeline.step(session, pos, feed, max_tokens, request.sampling, request.stop_ids)
+            settled = False
+            pos += len(feed)
+            if index == 0:
+                prefill_ms = result.wall_ms
+            else:
+                decode_wall += result.wall_ms
+                decode_timings.append(result.timings)
+            if index >= 2:
+                # Not the first decode step: in ring mode its interval starts when token 0 reached
+                # us, which can be well after the route already began step 1 (we were busy with the
+                # prefill's reply), so it can be shorter than a whole cycle and the estimate < 0.
+                network_ms += result.wall_ms - sum(t.compute_ms + t.queue_ms for t in result.timings)
+                network_steps += 1
+            generated.append(result.token_id)
+            for event in result.events:
+                yield event
+            yield {
+                "event": "token",
+                "index": index,
+                "token_id": result.token_id,
+                "text": stream.push(result.token_id),
+                "ms": round(result.wall_ms, 3),
+            }
+            if result.token_id in request.stop_ids:
+                finish = "stop"
+            feed = [result.token_id]
     finally:
         await pipeline.close_session(session)
     decode_steps = max(len(generated) - 1, 0)

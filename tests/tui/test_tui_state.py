@@ -101,6 +101,27 @@ def test_a_failed_spot_check_cuts_the_output_back() -> None:
     assert j.events[-1].text == "regenerating from token 3" and j.events[-1].level == "warn"
 
 
+def test_the_job_runner_passes_spot_check_rewinds_through_to_the_generation_loop() -> None:
+    import asyncio
+
+    from dev_tui.runner import _Observed
+
+    class Inner:
+        settled = 0
+
+        def pending_rewind(self, session: str) -> int | None:
+            return 12 if session == "s" else None
+
+        async def settle(self, session: str) -> None:
+            self.settled += 1
+
+    inner = Inner()
+    observed = _Observed(inner, job(), lambda: 0.0)
+    assert observed.pending_rewind("s") == 12 and observed.pending_rewind("t") is None
+    asyncio.run(observed.settle("s"))
+    assert inner.settled == 1
+
+
 def test_node_gone_marks_the_hop_then_failover_draws_the_new_route() -> None:
     j = job()
     j.set_state("running", 101.0)
