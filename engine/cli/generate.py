@@ -80,6 +80,14 @@ def _print_summary(done: dict[str, Any], names: dict[str, str], out: TextIO) -> 
             f"{budget['layers_run']} of {budget['layers']} layers run{hops}, skipped {budget['skip']}",
             file=out,
         )
+    spot = s.get("spot_checks")
+    if spot:
+        caught = ", ".join(spot["guilty"] + spot["disputed"])
+        print(
+            f"  spot checks: {spot['requested']} asked, {spot['passed']} passed, {spot['failed']} failed"
+            f"{f' ({caught})' if caught else ''}, {spot['steps_verified']} generated tokens verified",
+            file=out,
+        )
     spec = s.get("speculative")
     if spec:
         print(
