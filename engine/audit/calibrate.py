@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.audit.judge import View, blame, view
+from engine.audit.compare import assess
 from engine.audit.reference import Tolerance, compute_reference
-from engine.audit.sketch import RECEIVED, SENT, projection, relative_errors, sketch
+from engine.audit.sketch import RECEIVED, SENT, projection, sketch
 from engine.models.llama import FragmentModel, attention_mask
 from engine.protocol import codec as wire_codec
 
@@ -35,6 +35,15 @@ class RouteRun:
 def node_copy(model: FragmentModel, dtype: torch.dtype) -> FragmentModel:
     """The model as a node with other hardware would hold it (``dtype`` weights)."""
     return model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+
+
+def perturbation(x: torch.Tensor, scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The noise a Byzantine hop adds to hidden states ``x``: Gaussian, ``scale`` times each state's size.
+
+    Shared by the emulated routes here and ``kluster node --perturb`` (the tests' Byzantine node).
+    """
+    noise = torch.randn(x.shape, generator=generator).to(device=x.device, dtype=x.dtype)
+    return scale * noise * x.norm(dim=-1, keepdim=True) / (x.shape[-1] ** 0.5)
 
 
 @torch.inference_mode()
@@ -69,12 +78,9 @@ def emulate_route(
                 x = model.layers[layer](x, cos, sin, cache, layer, pos, mask)
             if index < len(hops) - 1:
                 if perturb and index == perturb_hop:
-                    noise = torch.randn(x.shape, generator=gen).to(dtype)
-                    x = x + perturb * noise * x.norm(dim=-1, keepdim=True) / (x.shape[-1] ** 0.5)
+                    x = x + perturbation(x, perturb, gen)
                 sent[index].append(x[0].float())
-                if codec != wire_codec.DEFAULT_CODEC:
-                    header, payload = wire_codec.encode(x[0].float(), codec)
-                    x = wire_codec.decode(header, payload).unsqueeze(0).to(dtype)
+                x = wire_codec.round_trip(x.float(), codec).to(dtype)
                 received[index].append(x[0].float())
         cache.length = pos + t
         logits = model.lm_head(model.norm(x[:, -1:])).float()
@@ -112,22 +118,9 @@ def measure(
     """Compare ``run`` with the reference as the coordinator does (sketches under secret keys)."""
     ref = compute_reference(reference_model, run.tokens, hops, codec=codec)
     hidden = reference_model.cfg.hidden_size
-    errors: list[float] = []
-    received: list[View] = []
-    sent: list[View] = []
-    for b in range(len(hops) - 1):
-        p_sent = projection(key + bytes([b]), SENT, hidden)
-        p_got = projection(key + bytes([b + 1]), RECEIVED, hidden)
-        e_sent = relative_errors(sketch(run.sent[b], p_sent), sketch(ref.sent[b], p_sent), ref.sent[b]).tolist()
-        e_got = relative_errors(sketch(run.received[b], p_got), sketch(ref.received[b], p_got), ref.received[b])
-        e_got = e_got.tolist()
-        errors += e_sent + e_got
-        sent.append(view(e_sent, tolerance.hidden, tolerance.hidden_low))
-        received.append(view(e_got, tolerance.hidden, tolerance.hidden_low))
-    gaps = ref.gaps.tolist()
-    generated = range(max(run.prompt, 1), len(run.tokens))
-    token_dev = next((q for q in generated if gaps[q - 1] > tolerance.logit_gap), None)
-    max_gap = max((gaps[q - 1] for q in generated), default=0.0)
-    found = blame(len(hops), received, sent, token_dev)
-    worst = max(errors, default=0.0)
-    return Measured(len(run.tokens), worst, errors, max_gap, found.guilty, found.disputes, found.rewind_to)
+    keys = [key + bytes([b]) for b in range(len(hops))]
+    sent = [sketch(run.sent[b], projection(keys[b], SENT, hidden)) for b in range(len(hops) - 1)]
+    received = [sketch(run.received[b], projection(keys[b + 1], RECEIVED, hidden)) for b in range(len(hops) - 1)]
+    a = assess(ref, sent, received, keys, run.tokens, given=run.prompt, greedy=True, tolerance=tolerance)
+    found, worst = a.blame, max(a.errors, default=0.0)
+    return Measured(len(run.tokens), worst, a.errors, a.max_gap, found.guilty, found.disputes, found.rewind_to)

@@ -96,12 +96,11 @@ def blame(
     for b in range(hops):
         if not _lt(out_high[b], in_low[b]):
             continue
-        admitted = b < hops - 1 and sent[b].low is not None
-        if b == hops - 1 or admitted:
+        if b == hops - 1 or sent[b].low is not None:  # the last hop's output is tokens, seen by two
             guilty.add(b)
         else:
             links.add((b, b + 1))
-    rewind = _min(token_dev, tokens_disagree_at, *[_after(v.low if v.high is not None else v.high) for v in received])
+    rewind = _min(token_dev, tokens_disagree_at, *[_after(v.low) for v in received if v.high is not None])
     near = [b for b in range(hops - 1) if received[b].high is not None or sent[b].high is not None]
     if not guilty and not links and near:
         # clearly off at a link, yet no hop's output went wrong before its input: near the thresholds

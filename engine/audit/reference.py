@@ -44,13 +44,6 @@ class Reference:
     gaps: torch.Tensor
 
 
-def _round_trip(x: torch.Tensor, codec: str) -> torch.Tensor:
-    if codec == wire_codec.DEFAULT_CODEC:
-        return x
-    header, payload = wire_codec.encode(x[0], codec)
-    return wire_codec.decode(header, payload).unsqueeze(0)
-
-
 @torch.inference_mode()
 def compute_reference(
     model: FragmentModel,
@@ -81,7 +74,7 @@ def compute_reference(
                 x = model.layers[layer](x, cos, sin, None, layer, 0, mask)
         if index < len(hops) - 1:
             sent.append(x[0].float().clone())
-            x = _round_trip(x, codec).to(p.dtype)
+            x = wire_codec.round_trip(x, codec).to(p.dtype)
             received.append(x[0].float().clone())
     logits = model.lm_head(model.norm(x))[0].float()
     top, greedy = logits.max(dim=-1)

@@ -209,16 +209,19 @@ class RemotePipeline:
         """GET from the coordinator's API, with a session when we have an account."""
         if self.auth is None:
             return await self.signaling.http_json(path, params)
-        async with aiohttp.ClientSession(timeout=_HTTP_TIMEOUT, middlewares=(self.auth.middleware,)) as http:
+        async with self._http_session(_HTTP_TIMEOUT) as http:
             return await get_json(http, self.signaling.coordinator + path, params)
+
+    def _http_session(self, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
+        """An HTTP session to the coordinator, with our developer account's sessions when we have one."""
+        middlewares = (self.auth.middleware,) if self.auth is not None else ()
+        return aiohttp.ClientSession(timeout=timeout, middlewares=middlewares)
 
     async def _post_audit(self, body: dict[str, Any]) -> dict[str, Any]:
         """``POST /v1/audit`` (a spot check); the verdict, or a CoordinatorError."""
-        middlewares = (self.auth.middleware,) if self.auth is not None else ()
-        timeout = aiohttp.ClientTimeout(total=120, sock_connect=10)
         try:
             async with (
-                aiohttp.ClientSession(timeout=timeout, middlewares=middlewares) as http,
+                self._http_session(aiohttp.ClientTimeout(total=120, sock_connect=10)) as http,
                 http.post(self.signaling.coordinator + "/v1/audit", json=body) as resp,
             ):
                 data = await resp.json(content_type=None)
@@ -243,7 +246,7 @@ class RemotePipeline:
             return await self.signaling.http_bytes(path)
         try:
             async with (
-                aiohttp.ClientSession(timeout=_HTTP_TIMEOUT, middlewares=(self.auth.middleware,)) as http,
+                self._http_session(_HTTP_TIMEOUT) as http,
                 http.get(self.signaling.coordinator + path) as resp,
             ):
                 if resp.status != 200:
@@ -384,9 +387,7 @@ class RemotePipeline:
         if entry is None:
             raise CoordinatorError(f"coordinator does not list model '{self.model_id}'")
         folders = []
-        timeout = aiohttp.ClientTimeout(total=3600, sock_connect=10)
-        middlewares = (self.auth.middleware,) if self.auth is not None else ()
-        async with aiohttp.ClientSession(timeout=timeout, middlewares=middlewares) as http:
+        async with self._http_session(aiohttp.ClientTimeout(total=3600, sock_connect=10)) as http:
             for frag in entry.get("fragments", []):
                 base = f"{self.signaling.coordinator}/v1/models/{self.model_id}/fragments/{frag['name']}/"
                 async with http.get(base + "manifest.json") as resp:

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from engine.errors import KlusterError
@@ -49,19 +49,7 @@ class SpotStats:
     disputed: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "requested": self.requested,
-            "passed": self.passed,
-            "failed": self.failed,
-            "unavailable": self.unavailable,
-            "busy": self.busy,
-            "errors": self.errors,
-            "unresolved": self.unresolved,
-            "positions_passed": self.positions_passed,
-            "steps_verified": self.steps_verified,
-            "guilty": list(self.guilty),
-            "disputed": list(self.disputed),
-        }
+        return asdict(self)
 
 
 class SpotChecker:
@@ -130,23 +118,24 @@ class SpotChecker:
 
     def _failed(self, session: str, verdict: dict[str, Any]) -> None:
         self.stats.failed += 1
-        guilty = [str(g.get("name") or g.get("peer_id")) for g in verdict.get("guilty", [])]
-        disputed = [str(d.get("name") or d.get("peer_id")) for pair in verdict.get("disputed", []) for d in pair]
-        for g in verdict.get("guilty", []):
-            self._avoid(str(g.get("peer_id")))
-        for pair in verdict.get("disputed", []):
-            for d in pair:
-                self._avoid(str(d.get("peer_id")))
+        guilty_hops = verdict.get("guilty", [])
+        disputed_hops = [hop for pair in verdict.get("disputed", []) for hop in pair]
+        for hop in (*guilty_hops, *disputed_hops):
+            self._avoid(str(hop.get("peer_id")))
+        guilty = [str(h.get("name") or h.get("peer_id")) for h in guilty_hops]
+        disputed = [str(h.get("name") or h.get("peer_id")) for h in disputed_hops]
         self.stats.guilty.extend(n for n in guilty if n not in self.stats.guilty)
         self.stats.disputed.extend(n for n in disputed if n not in self.stats.disputed)
         rewind = verdict.get("rewind_to")
-        if isinstance(rewind, int) and session not in self._rewinds and self._rewound.get(session, 0) >= MAX_REWINDS:
-            self.stats.unresolved += 1
-            log.error("spot check failed again after %d rewinds; not regenerating once more", MAX_REWINDS)
-        elif isinstance(rewind, int):
-            if session not in self._rewinds:
+        if isinstance(rewind, int):
+            if session in self._rewinds:  # one rewind waiting already: it goes back at least as far
+                self._rewinds[session] = min(rewind, self._rewinds[session])
+            elif self._rewound.get(session, 0) >= MAX_REWINDS:
+                self.stats.unresolved += 1
+                log.error("spot check failed again after %d rewinds; not regenerating once more", MAX_REWINDS)
+            else:
                 self._rewound[session] = self._rewound.get(session, 0) + 1
-            self._rewinds[session] = min(rewind, self._rewinds.get(session, rewind))
+                self._rewinds[session] = rewind
         log.warning("spot check failed: guilty %s, disputed %s, regenerate from position %s", guilty, disputed, rewind)
         self._events.setdefault(session, []).append(
             {"event": "spot_check", "status": "fail", "guilty": guilty, "disputed": disputed, "rewind_to": rewind}

@@ -73,7 +73,7 @@ from engine.coordinator.placer import Measurement, Placer
 from engine.coordinator.ratelimit import RateLimits
 from engine.coordinator.registry import NodeRow, Registry
 from engine.coordinator.turn import TurnConfig
-from engine.coordinator.verifier import AuditHop, RouteRecord, Verifier, repeat_offenders
+from engine.coordinator.verifier import AuditHop, RouteRecord, Verifier
 from engine.errors import ConfigError, CoordinatorError, FragmentError, IdentityError, KlusterError, NoRouteError
 from engine.fragments.manifest import CONFIG, WEIGHTS
 from engine.fragments.pack import TOKENIZER_FILES
@@ -287,9 +287,6 @@ class Coordinator:
         )
         #: nodes a spot check caught: peer id -> why (they may not register again)
         self._banned = self.registry.banned()
-        #: node -> the nodes it was in a link dispute with (this run; see verifier.DISPUTE_PARTNERS)
-        self._dispute_partners: dict[str, set[str]] = {}
-        self._names: dict[str, str] = {}
         self.billing.banned.update(self._banned)
         self._runner: web.AppRunner | None = None
         self._closed = False
@@ -507,12 +504,9 @@ class Coordinator:
         if self._roles.get(client) != "client":  # e.g. reconnecting after a blip: the client retries
             raise CoordinatorError(f"client {client!r} is not connected to this coordinator")
         claims = request.get(ACCOUNT)
-        if claims is not None:
-            if claims.role != ADMIN and self._client_accounts.get(client) != claims.sub:
-                raise ForbiddenError(f"client {client} is not one of account '{claims.sub}'")
-            developer = claims.sub
-        else:
-            developer = request.query.get("tenant", "")[:128]
+        if not self._may_act_for(request, client):
+            raise ForbiddenError(f"client {client} is not one of account '{claims.sub}'")
+        developer = claims.sub if claims is not None else request.query.get("tenant", "")[:128]
         job = new_job_id(request.query.get("job", "")[:64])
         raw_tokens = request.query.get("tokens")
         extra: dict[str, Any] = {}
@@ -531,6 +525,12 @@ class Coordinator:
             **extra,
         )
         return job
+
+    def _may_act_for(self, request: web.Request, client: str) -> bool:
+        """Whether the request's account (auth on) is the one ``client`` said hello under; admins may act
+        for any client, and with auth off anyone may."""
+        claims = request.get(ACCOUNT)
+        return claims is None or claims.role == ADMIN or self._client_accounts.get(client) == claims.sub
 
     async def _send_to(self, peer_id: str, message: dict[str, Any]) -> bool:
         """Send a control message to a connected peer; False when it is not connected."""
@@ -563,10 +563,7 @@ class Coordinator:
         record = self.verifier.route_of(job)
         if record is None:
             return _error(404, f"no route of job {job!r} is known here", "not_found")
-        claims = request.get(ACCOUNT)
-        if record.client != client or (
-            claims is not None and claims.role != ADMIN and self._client_accounts.get(client) != claims.sub
-        ):
+        if record.client != client or not self._may_act_for(request, client):
             return _error(403, f"job {job} is not this client's", "forbidden")
         if not isinstance(tokens, list) or not all(type(t) is int for t in tokens) or type(prompt) is not int:
             return _error(400, "tokens must be a list of token ids and prompt_tokens an integer", "bad_request")
@@ -574,7 +571,6 @@ class Coordinator:
             verdict = await self.verifier.audit(
                 job,
                 session,
-                len(tokens),
                 tokens,
                 prompt_tokens=prompt,
                 greedy=bool(body.get("greedy", True)),
@@ -584,14 +580,9 @@ class Coordinator:
             return _error(400, exc, "bad_request")
         for culprit in verdict.get("guilty", ()):
             await self._ban(culprit["peer_id"], culprit["name"], job, f"returned wrong work on job {job}")
-        for a, b in verdict.get("link_disputes", ()):
-            self._dispute_partners.setdefault(a["peer_id"], set()).add(b["peer_id"])
-            self._dispute_partners.setdefault(b["peer_id"], set()).add(a["peer_id"])
-            self._names.update({a["peer_id"]: a["name"], b["peer_id"]: b["name"]})
-        for peer in repeat_offenders(self._dispute_partners):
-            partners = len(self._dispute_partners[peer])
+        for peer, name, partners in self.verifier.repeat_offenders():
             reason = f"contradicted {partners} different nodes about what it sent or received"
-            await self._ban(peer, self._names.get(peer, peer), job, reason)
+            await self._ban(peer, name, job, reason)
         return web.json_response(verdict)
 
     async def _ban(self, peer_id: str, name: str, job: str, reason: str) -> None:
@@ -996,12 +987,8 @@ class Coordinator:
             log.info("node %s sent a malformed receipt; dropped", node)
             return
         client = self.billing.client_of(job, supplier) if supplier == node else None
-        target = None if client is None else self._sockets.get(client)
-        if target is None or target.closed:
+        if client is None or not await self._send_to(client, {"type": "receipt", "receipt": text}):
             log.info("receipt of %s for job %s has no client to countersign it; dropped", node, job)
-            return
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await target.send_json({"type": "receipt", "receipt": text})
 
     async def _credit(self, client: str, ws: web.WebSocketResponse, text: Any) -> None:
         """A countersigned receipt: credit it (or not) and tell the sender the verdict."""

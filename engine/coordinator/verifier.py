@@ -28,14 +28,15 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from engine.audit.judge import Blame, View, blame, view
-from engine.audit.reference import Reference, Tolerance, compute_reference
-from engine.audit.sketch import MAX_AUDIT_POSITIONS, RECEIVED, SENT, decode_rows, projection, relative_errors
+from engine.audit.compare import assess
+from engine.audit.judge import Blame
+from engine.audit.reference import Tolerance, compute_reference
+from engine.audit.sketch import MAX_AUDIT_POSITIONS, decode_rows
 from engine.errors import KlusterError, ProtocolError
 from engine.fragments import torch_thread
 from engine.fragments.store import Pack, load_span
@@ -78,7 +79,6 @@ class _Reply:
     tokens: list[int] | None = None
     received: torch.Tensor | None = None
     sent: torch.Tensor | None = None
-    codec: str = "fp32"
 
 
 @dataclass
@@ -92,7 +92,6 @@ class AuditStats:
     positions: int = 0
     #: the largest relative error of a view in an audit that passed (the tolerance's real margin)
     max_pass_error: float = 0.0
-    by_peer: dict[str, int] = field(default_factory=dict)
 
 
 class Verifier:
@@ -120,6 +119,9 @@ class Verifier:
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
         self._pending = 0
+        #: node -> the nodes it was in a link dispute with (this run; see DISPUTE_PARTNERS)
+        self._partners: dict[str, set[str]] = {}
+        self._names: dict[str, str] = {}
 
     def remember(self, job: str, record: RouteRecord) -> None:
         self._routes[job] = record
@@ -167,14 +169,13 @@ class Verifier:
         self,
         job: str,
         session: str,
-        positions: int,
         client_tokens: Sequence[int],
         *,
         prompt_tokens: int,
         greedy: bool,
         codec: str,
     ) -> dict[str, Any]:
-        """Check the first ``positions`` positions of ``session`` on ``job``'s route; the verdict as JSON.
+        """Check ``session`` on ``job``'s route at every position ``client_tokens`` covers; the verdict as JSON.
 
         ``status``: ``pass``, ``fail`` (``guilty`` and/or ``disputed`` name nodes; ``rewind_to`` is
         the first position to regenerate), ``unavailable`` (``silent`` names hops that could not
@@ -185,13 +186,13 @@ class Verifier:
             raise KlusterError(f"no route of job {job!r} is known here")
         if codec not in CODECS:
             raise KlusterError(f"unknown codec {codec!r}")
-        if not 0 < positions <= MAX_AUDIT_POSITIONS or len(client_tokens) != positions:
+        if not 0 < len(client_tokens) <= MAX_AUDIT_POSITIONS:
             raise KlusterError(f"an audit covers 1-{MAX_AUDIT_POSITIONS} positions, with one token each")
         if self._pending >= MAX_PENDING:
             return {"status": "busy"}
         self._pending += 1
         try:
-            return await self._audit(record, job, session, positions, list(client_tokens), prompt_tokens, greedy, codec)
+            return await self._audit(record, job, session, list(client_tokens), prompt_tokens, greedy, codec)
         finally:
             self._pending -= 1
 
@@ -200,7 +201,6 @@ class Verifier:
         record: RouteRecord,
         job: str,
         session: str,
-        positions: int,
         client_tokens: list[int],
         prompt_tokens: int,
         greedy: bool,
@@ -208,6 +208,7 @@ class Verifier:
     ) -> dict[str, Any]:
         started = time.perf_counter()
         hops = record.hops
+        positions = len(client_tokens)
         answers = await asyncio.gather(*(self._ask(h, session, positions) for h in hops))
         replies: list[_Reply] = []
         silent: list[dict[str, str]] = []
@@ -230,7 +231,20 @@ class Verifier:
                 skip=record.skip,
                 codec=codec,
             )
-        blame_, errors = self._judge(record, replies, ref, route_tokens, client_tokens, prompt_tokens, greedy)
+        disagree = next((p for p, (a, b) in enumerate(zip(client_tokens, route_tokens, strict=True)) if a != b), None)
+        found = assess(  # (_parse_reply made sure every boundary has both records)
+            ref,
+            [r.sent for r in replies[:-1] if r.sent is not None],
+            [r.received for r in replies[1:] if r.received is not None],
+            [self.key_for(h.peer_id) for h in hops],
+            route_tokens,
+            given=prompt_tokens,
+            greedy=greedy,
+            tolerance=self.tolerance,
+            tokens_disagree_at=disagree,
+        )
+        blame_, errors = found.blame, max(found.errors, default=0.0)
+        self._note_disputes(record, blame_)
         verdict = self._verdict(record, blame_, errors, positions)
         verdict["ms"] = round((time.perf_counter() - started) * 1000, 1)
         self.stats.audits += 1
@@ -243,40 +257,16 @@ class Verifier:
             log.warning("spot check of job %s session %s failed: %s", job, session, verdict)
         return verdict
 
-    def _judge(
-        self,
-        record: RouteRecord,
-        replies: list[_Reply],
-        ref: Reference,
-        route_tokens: list[int],
-        client_tokens: list[int],
-        prompt_tokens: int,
-        greedy: bool,
-    ) -> tuple[Blame, float]:
-        tol = self.tolerance
-        hops = record.hops
-        received: list[View] = []
-        sent: list[View] = []
-        worst = 0.0
-        for b in range(len(hops) - 1):
-            sender, receiver = hops[b], hops[b + 1]
-            sent_rows, got_rows = replies[b].sent, replies[b + 1].received
-            if sent_rows is None or got_rows is None:  # _parse_reply guarantees both
-                raise KlusterError("an audit reply lacks a view")
-            want_sent = ref.sent[b] @ projection(self.key_for(sender.peer_id), SENT, ref.sent[b].shape[-1])
-            want_got = ref.received[b] @ projection(self.key_for(receiver.peer_id), RECEIVED, ref.received[b].shape[-1])
-            err_sent = relative_errors(sent_rows, want_sent, ref.sent[b]).tolist()
-            err_got = relative_errors(got_rows, want_got, ref.received[b]).tolist()
-            worst = max(worst, *err_sent, *err_got)
-            sent.append(view(err_sent, tol.hidden, tol.hidden_low))
-            received.append(view(err_got, tol.hidden, tol.hidden_low))
-        token_dev = None
-        if greedy:
-            gaps = ref.gaps.tolist()
-            generated = range(max(prompt_tokens, 1), len(route_tokens))
-            token_dev = next((q for q in generated if gaps[q - 1] > tol.logit_gap), None)
-        disagree = next((p for p, (a, b) in enumerate(zip(client_tokens, route_tokens, strict=True)) if a != b), None)
-        return blame(len(hops), received, sent, token_dev, disagree), worst
+    def _note_disputes(self, record: RouteRecord, found: Blame) -> None:
+        for a, b in found.links:
+            x, y = record.hops[a], record.hops[b]
+            self._partners.setdefault(x.peer_id, set()).add(y.peer_id)
+            self._partners.setdefault(y.peer_id, set()).add(x.peer_id)
+            self._names.update({x.peer_id: x.name, y.peer_id: y.name})
+
+    def repeat_offenders(self) -> list[tuple[str, str, int]]:
+        """``(peer id, name, partners)`` of the nodes in link disputes with DISPUTE_PARTNERS others."""
+        return [(p, self._names.get(p, p), len(self._partners[p])) for p in repeat_offenders(self._partners)]
 
     def _verdict(self, record: RouteRecord, found: Blame, worst: float, positions: int) -> dict[str, Any]:
         def who(index: int) -> dict[str, str]:
@@ -312,7 +302,7 @@ def _parse_reply(answer: dict[str, Any], positions: int, index: int, hops: int, 
         raise ProtocolError(f"trail of {answer.get('positions')} positions, {positions} asked")
     if answer.get("codec", "fp32") != codec:
         raise ProtocolError(f"the hop saw codec {answer.get('codec')!r}, the client says {codec!r}")
-    reply = _Reply(codec=codec)
+    reply = _Reply()
     if index == 0:
         tokens = answer.get("tokens")
         if not isinstance(tokens, list) or len(tokens) != positions or not all(type(t) is int for t in tokens):

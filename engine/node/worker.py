@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 import torch
 
+from engine.audit.calibrate import perturbation
 from engine.audit.trail import AuditTrail
 from engine.coordinator.auth import SessionAuth
 from engine.errors import FragmentError, KlusterError, PeerError, ProtocolError, SessionLostError
@@ -580,10 +581,7 @@ class Node:
 def _perturbed(out: StepOutput, scale: float, vocab: int) -> StepOutput:
     """What a Byzantine node returns (the ``perturb`` test knob): noisy hidden states, or a wrong token."""
     if out.token_id is None and out.hidden is not None:
-        h = out.hidden
-        noise = torch.randn_like(h) * h.norm(dim=-1, keepdim=True) / (h.shape[-1] ** 0.5)
-        return replace(out, hidden=h + scale * noise)
+        return replace(out, hidden=out.hidden + perturbation(out.hidden, scale))
     if out.token_id is not None:
         return replace(out, token_id=(out.token_id * 31 + 7) % vocab, tokens=())
     return out
-

@@ -135,6 +135,14 @@ def encode(
     return header, b"".join(_raw_bytes(p) for p in parts)
 
 
+def round_trip(tensor: torch.Tensor, codec: str) -> torch.Tensor:
+    """``tensor`` as a receiver gets it back under ``codec`` (what a route's next hop computes on)."""
+    if codec == DEFAULT_CODEC:
+        return tensor
+    header, payload = encode(tensor, codec)
+    return decode(header, payload, tensor.device)
+
+
 def _fits_float16(scales: torch.Tensor, values: torch.Tensor) -> bool:
     """Scales within float16's normal range and outlier values below its max: else float32 is sent."""
     nonzero = scales[scales > 0]
