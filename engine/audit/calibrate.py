@@ -19,6 +19,7 @@ from engine.audit.compare import assess
 from engine.audit.reference import Tolerance, compute_reference
 from engine.audit.sketch import RECEIVED, SENT, projection, sketch
 from engine.models.llama import FragmentModel, attention_mask
+from engine.models.sampling import SamplingParams, sample
 from engine.protocol import codec as wire_codec
 
 
@@ -57,8 +58,12 @@ def emulate_route(
     perturb: float = 0.0,
     perturb_hop: int = 0,
     seed: int = 0,
+    sampling: SamplingParams | None = None,
+    lie_at: int | None = None,
 ) -> RouteRun:
-    """Greedy-decode ``new_tokens`` after ``prompt`` step by step through ``hops`` of ``model``."""
+    """Decode ``new_tokens`` after ``prompt`` step by step through ``hops`` of ``model`` (greedy, or
+    as ``sampling`` says); ``lie_at``: the last hop returns the reference's least likely token at
+    that step instead (what a Byzantine last hop could do), and the route goes on from it."""
     if model.embed_tokens is None or model.norm is None or model.lm_head is None:
         raise ValueError("the emulated route needs the whole model")
     gen = torch.Generator().manual_seed(seed)
@@ -84,8 +89,10 @@ def emulate_route(
                 received[index].append(x[0].float())
         cache.length = pos + t
         logits = model.lm_head(model.norm(x[:, -1:])).float()
-        nxt = int(logits[0, -1].argmax())
         pos += t
+        nxt = sample(logits[0, -1], sampling or SamplingParams(), pos)
+        if lie_at == len(tokens) - len(prompt):
+            nxt = int(logits[0, -1].argmin())
         feed = [nxt]
         tokens.append(nxt)
     # the last sampled token is never fed: the trail (and so the check) ends before it
@@ -114,13 +121,14 @@ def measure(
     *,
     codec: str = wire_codec.DEFAULT_CODEC,
     key: bytes = b"calibration",
+    sampling: SamplingParams | None = None,
 ) -> Measured:
     """Compare ``run`` with the reference as the coordinator does (sketches under secret keys)."""
-    ref = compute_reference(reference_model, run.tokens, hops, codec=codec)
+    ref = compute_reference(reference_model, run.tokens, hops, codec=codec, sampling=sampling, first_checked=run.prompt)
     hidden = reference_model.cfg.hidden_size
     keys = [key + bytes([b]) for b in range(len(hops))]
     sent = [sketch(run.sent[b], projection(keys[b], SENT, hidden)) for b in range(len(hops) - 1)]
     received = [sketch(run.received[b], projection(keys[b + 1], RECEIVED, hidden)) for b in range(len(hops) - 1)]
-    a = assess(ref, sent, received, keys, run.tokens, given=run.prompt, greedy=True, tolerance=tolerance)
+    a = assess(ref, sent, received, keys, run.tokens, given=run.prompt, check_tokens=True, tolerance=tolerance)
     found, worst = a.blame, max(a.errors, default=0.0)
     return Measured(len(run.tokens), worst, a.errors, a.max_gap, found.guilty, found.disputes, found.rewind_to)

@@ -25,7 +25,7 @@ class Assessment:
     blame: Blame
     #: every view's relative error at every position
     errors: list[float]
-    #: the largest logit gap of a generated token below the reference's greedy choice
+    #: the largest logit gap of a generated token behind the reference's choice
     max_gap: float
 
 
@@ -37,7 +37,7 @@ def assess(
     tokens: list[int],
     *,
     given: int,
-    greedy: bool,
+    check_tokens: bool,
     tolerance: Tolerance,
     tokens_disagree_at: int | None = None,
 ) -> Assessment:
@@ -45,7 +45,8 @@ def assess(
 
     ``sent[b]`` / ``received[b]``: the sketch rows hop b sent / hop b+1 received (one per boundary);
     ``keys[b]``: hop b's projection key; ``tokens``: the history the route saw, the first ``given``
-    of them fed by the client (the route answers for the rest, and for those only when ``greedy``).
+    of them fed by the client (the route answers for the rest, and for those only when ``check_tokens``:
+    ``ref.gaps`` then measure each generated token the way it was picked, greedy or seeded).
     """
     errors: list[float] = []
     sent_views: list[View] = []
@@ -61,7 +62,7 @@ def assess(
         received_views.append(view(err_got, tolerance.hidden, tolerance.hidden_low))
     gaps = ref.gaps.tolist()
     generated = range(max(given, 1), len(tokens))
-    token_dev = next((q for q in generated if gaps[q - 1] > tolerance.logit_gap), None) if greedy else None
+    token_dev = next((q for q in generated if gaps[q - 1] > tolerance.logit_gap), None) if check_tokens else None
     max_gap = max((gaps[q - 1] for q in generated), default=0.0)
     found = blame(len(keys), received_views, sent_views, token_dev, tokens_disagree_at)
     return Assessment(found, errors, max_gap)

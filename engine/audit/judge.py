@@ -76,7 +76,7 @@ def blame(
 
     ``received[b]`` / ``sent[b]``: the boundary between hop b and hop b+1 as its receiver / sender
     shows it (``hops - 1`` entries each). ``token_dev``: the first position whose token is not what
-    the reference would pick (None for sampled jobs: a sampled token is not checkable).
+    the reference would pick (None when tokens are not checked: top-p sampling, or unknown).
     ``tokens_disagree_at``: the first position where the client's tokens and the first hop's differ.
     """
     if hops < 1 or len(received) != hops - 1 or len(sent) != hops - 1:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from engine.audit.sketch import MAX_AUDIT_POSITIONS, RECEIVED, SENT, encode_rows, projection, sketch
+from engine.models.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ class _SessionTrail:
     length: int = 0
     codec: str = "fp32"
     overflow: bool = False
+    #: the last hop's: how it was asked to pick tokens (None: not the last hop; "mixed": it changed)
+    sampling: SamplingParams | str | None = None
 
 
 def _cut(parts: list[torch.Tensor], keep: int) -> list[torch.Tensor]:
@@ -66,9 +69,20 @@ class AuditTrail:
             proj = self._proj[(direction, hidden)] = projection(self._key, direction, hidden)
         return proj
 
-    def record(self, session: str, pos: int, received: torch.Tensor, sent: torch.Tensor | None, codec: str) -> None:
+    def record(
+        self,
+        session: str,
+        pos: int,
+        received: torch.Tensor,
+        sent: torch.Tensor | None,
+        codec: str,
+        sampling: SamplingParams | None = None,
+    ) -> None:
         """Positions ``pos..pos+T`` of ``session``: the input as received and the hidden state sent on
-        (None at the last hop, whose output is a token the client and the first hop both see)."""
+        (None at the last hop, whose output is a token the client and the first hop both see).
+
+        ``sampling``: at the last hop, how it was asked to pick the token; the coordinator checks
+        tokens against what the node says it was asked, and that against what the client says."""
         if self._key is None:
             return
         trail = self._sessions.get(session)
@@ -97,6 +111,8 @@ class AuditTrail:
             positions = len(ids)
         if sent is not None:
             trail.sent.append(sketch(sent, self._projection(SENT, sent.shape[-1])))
+        if sampling is not None:
+            trail.sampling = sampling if trail.sampling in (None, sampling) else "mixed"
         trail.length += positions
         if trail.length > MAX_AUDIT_POSITIONS:
             trail.overflow = True
@@ -118,4 +134,9 @@ class AuditTrail:
             body["received"] = encode_rows(torch.cat(trail.received)[:positions])
         if trail.sent:
             body["sent"] = encode_rows(torch.cat(trail.sent)[:positions])
+        if isinstance(trail.sampling, SamplingParams):
+            s = trail.sampling
+            body["sampling"] = {"temperature": s.temperature, "top_p": s.top_p, "seed": s.seed}
+        elif trail.sampling is not None:
+            body["sampling"] = trail.sampling
         return body

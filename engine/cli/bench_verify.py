@@ -2,7 +2,8 @@
 
 The default model runs as a 3-hop route in this process (``engine.audit.calibrate``): step by step
 with KV caches, the wire codec at each boundary, the nodes' weights in fp32 or bf16 (bf16 stands
-in for other hardware), and optionally one hop perturbing what it sends. Each run is compared
+in for other hardware), greedy or sampled tokens, and optionally one hop perturbing what it sends
+or the last hop returning a wrong token once. Each run is compared
 with the coordinator's reference under the tolerance in force; one table shows the worst
 relative error of any view and the worst logit gap of a fed token per variant, against the
 tolerance (margin = tolerance / worst honest), and for perturbed variants who the judge blames.
@@ -14,20 +15,42 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import ConfigError
 
-#: (label, node weights dtype, codec, perturbation, perturbed hop)
-VARIANTS: tuple[tuple[str, str, str, float, int], ...] = (
-    ("honest fp32", "float32", "fp32", 0.0, 0),
-    ("honest bf16 nodes", "bfloat16", "fp32", 0.0, 0),
-    ("honest int8 wire", "float32", "int8", 0.0, 0),
-    ("honest bf16+int8", "bfloat16", "int8", 0.0, 0),
-    ("byzantine 0.05 hop1", "float32", "fp32", 0.05, 1),
-    ("byzantine 0.2 hop0", "float32", "fp32", 0.2, 0),
-    ("byzantine 0.2 hop1", "float32", "fp32", 0.2, 1),
-    ("byzantine 1.0 hop1", "float32", "fp32", 1.0, 1),
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    #: the nodes' weights
+    dtype: str = "float32"
+    codec: str = "fp32"
+    #: noise on what ``hop`` sends (relative to the hidden state)
+    perturb: float = 0.0
+    hop: int = 0
+    #: 0: greedy; else sampled at this temperature (seed per prompt)
+    temperature: float = 0.0
+    #: the last hop returns a wrong token at this generated step
+    lie_at: int | None = None
+
+    @property
+    def byzantine(self) -> bool:
+        return self.perturb > 0 or self.lie_at is not None
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("honest fp32"),
+    Variant("honest bf16 nodes", dtype="bfloat16"),
+    Variant("honest int8 wire", codec="int8"),
+    Variant("honest bf16+int8", dtype="bfloat16", codec="int8"),
+    Variant("honest bf16 sampled", dtype="bfloat16", temperature=0.8),
+    Variant("byzantine 0.05 hop1", perturb=0.05, hop=1),
+    Variant("byzantine 0.2 hop0", perturb=0.2, hop=0),
+    Variant("byzantine 0.2 hop1", perturb=0.2, hop=1),
+    Variant("byzantine 1.0 hop1", perturb=1.0, hop=1),
+    Variant("wrong token, sampled", hop=2, temperature=0.8, lie_at=10),
 )
 
 
@@ -36,7 +59,7 @@ def register(bsub: Any) -> None:
 
     p = bsub.add_parser("verify", help="spot checks: honest vs perturbed routes against the reference")
     p.add_argument("--prompts", type=int, default=8, help=f"chat prompts per variant (max {len(PROMPTS)}, default 8)")
-    p.add_argument("--tokens", type=int, default=48, help="greedy tokens per prompt (default 48)")
+    p.add_argument("--tokens", type=int, default=48, help="generated tokens per prompt (default 48)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=run)
 
@@ -48,6 +71,7 @@ def evaluate(prompts: int, tokens: int, say: Any) -> dict[str, Any]:
     from engine.audit.reference import Tolerance
     from engine.models.default_model import ensure_default_model
     from engine.models.loading import load_model
+    from engine.models.sampling import SamplingParams
     from engine.models.tokenizer import ModelTokenizer
     from engine.transport.codec_eval import PROMPTS
 
@@ -58,35 +82,40 @@ def evaluate(prompts: int, tokens: int, say: Any) -> dict[str, Any]:
     hops = [(0, layers // 3), (layers // 3, 2 * layers // 3), (2 * layers // 3, layers)]
     tol = Tolerance()
     rows = []
-    for label, dtype, codec, perturb, hop in VARIANTS:
+    for v in VARIANTS:
         started = time.perf_counter()
-        nodes = node_copy(model, getattr(torch, dtype))
+        nodes = node_copy(model, getattr(torch, v.dtype))
         worst, gap, positions, caught, blamed_right, disputes = 0.0, 0.0, 0, 0, 0, 0
         for i, prompt in enumerate(PROMPTS[:prompts]):
             ids = tok.encode(tok.render_chat([{"role": "user", "content": prompt}]))
-            run = emulate_route(nodes, ids, hops, tokens, codec=codec, perturb=perturb, perturb_hop=hop, seed=i)
-            m = measure(model, run, hops, tol, codec=codec)
+            sampling = SamplingParams(v.temperature, 1.0, i)
+            run = emulate_route(
+                nodes, ids, hops, tokens, codec=v.codec, perturb=v.perturb, perturb_hop=v.hop, seed=i,
+                sampling=sampling, lie_at=v.lie_at if v.lie_at is not None and v.lie_at < tokens - 1 else None,
+            )  # fmt: skip
+            m = measure(model, run, hops, tol, codec=v.codec, sampling=sampling)
             worst, gap, positions = max(worst, m.max_error), max(gap, m.max_gap), positions + m.positions
             failed = bool(m.guilty or m.disputes or m.rewind_to is not None)
             caught += failed
-            blamed_right += m.guilty == (hop,)
+            blamed_right += m.guilty == (v.hop,)
             disputes += bool(m.disputes)
         rows.append(
             {
-                "variant": label,
-                "perturb": perturb,
+                "variant": v.label,
+                "byzantine": v.byzantine,
+                "perturb": v.perturb,
                 "runs": prompts,
                 "positions": positions,
                 "max_error": round(worst, 6),
                 "max_logit_gap": round(gap, 4),
                 "flagged": caught,
-                "guilty_is_perturbed_hop": blamed_right if perturb else None,
+                "guilty_is_perturbed_hop": blamed_right if v.byzantine else None,
                 "disputes": disputes,
                 "seconds": round(time.perf_counter() - started, 1),
             }
         )
-        say(f"{label}: {rows[-1]}")
-    honest = [r for r in rows if not r["perturb"]]
+        say(f"{v.label}: {rows[-1]}")
+    honest = [r for r in rows if not r["byzantine"]]
     worst_honest = max(r["max_error"] for r in honest)
     worst_gap = max(r["max_logit_gap"] for r in honest)
     return {
@@ -102,7 +131,7 @@ def evaluate(prompts: int, tokens: int, say: Any) -> dict[str, Any]:
 def _table(result: dict[str, Any]) -> list[str]:
     t = result["tolerance"]
     lines = [
-        f"kluster bench verify: hops {result['hops']}, {result['tokens']} greedy tokens per prompt; tolerance "
+        f"kluster bench verify: hops {result['hops']}, {result['tokens']} tokens per prompt; tolerance "
         f"hidden {t['hidden']} (honest noise below {t['hidden_low']}), logit gap {t['logit_gap']}",
         f"{'variant':<22}{'positions':>10}{'max rel err':>13}{'max gap':>9}{'flagged':>9}{'guilty ok':>11}"
         f"{'disputes':>10}{'s':>6}",

@@ -15,7 +15,7 @@ import hashlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +80,8 @@ class _SessionState:
     #: positions whose tokens the client fed itself on the current wire session (the prompt, or a
     #: failover's replay): a spot check holds the route to account only for the tokens after them
     given: int = 0
-    #: whether tokens are greedy (a spot check can check greedy tokens only)
-    greedy: bool = True
+    #: how the session's tokens are picked (a spot check checks them against the reference this way)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
 
 
 def _rewind(state: _SessionState, pos: int) -> None:
@@ -453,7 +453,7 @@ class RemotePipeline:
             raise CoordinatorError("pipeline not started")
         state = self._sessions.setdefault(session, _SessionState(wire_id=session))
         if state.next_step == 0:
-            state.given, state.greedy = len(tokens), sampling.temperature == 0
+            state.given, state.sampling = len(tokens), sampling
         events: list[dict[str, Any]] = []
         rewound = False
         if verify and pos < state.next_pos:
@@ -511,7 +511,8 @@ class RemotePipeline:
             "client": self.signaling.peer_id,
             "tokens": list(state.history),
             "prompt_tokens": state.given,
-            "greedy": state.greedy,
+            "greedy": state.sampling.temperature == 0,
+            "sampling": asdict(state.sampling),
             "codec": self.codec,
         }
 

@@ -34,6 +34,8 @@ MAX_REWINDS = 3
 class SpotStats:
     requested: int = 0
     passed: int = 0
+    #: passing checks that covered the generated tokens too (greedy, or sampled with top-p 1)
+    tokens_checked: int = 0
     failed: int = 0
     unavailable: int = 0
     busy: int = 0
@@ -96,6 +98,7 @@ class SpotChecker:
         status = verdict.get("status")
         if status == "pass":
             self.stats.passed += 1
+            self.stats.tokens_checked += verdict.get("tokens_checked") is True
             positions = int(verdict.get("positions") or 0)
             self.stats.positions_passed += positions
             steps = max(0, positions - int(body.get("prompt_tokens") or 0))

@@ -73,7 +73,7 @@ from engine.coordinator.placer import Measurement, Placer
 from engine.coordinator.ratelimit import RateLimits
 from engine.coordinator.registry import NodeRow, Registry
 from engine.coordinator.turn import TurnConfig
-from engine.coordinator.verifier import AuditHop, RouteRecord, Verifier
+from engine.coordinator.verifier import AuditHop, RouteRecord, Verifier, claimed_sampling
 from engine.errors import ConfigError, CoordinatorError, FragmentError, IdentityError, KlusterError, NoRouteError
 from engine.fragments.manifest import CONFIG, WEIGHTS
 from engine.fragments.pack import TOKENIZER_FILES
@@ -549,7 +549,7 @@ class Coordinator:
         Body: ``job``, ``session`` (the wire session id), ``client`` (its peer id), ``tokens`` (the
         session's token at every position checked), ``prompt_tokens`` (how many of them the client fed
         itself: the prompt, or a failover's replay; the route answers only for the tokens after),
-        ``greedy``, ``codec``. Only
+        ``sampling`` (``temperature``, ``top_p``, ``seed``; older clients: ``greedy``), ``codec``. Only
         the client the job's route was handed to may audit it. Guilty nodes are banned here.
         """
         try:
@@ -573,7 +573,7 @@ class Coordinator:
                 session,
                 tokens,
                 prompt_tokens=prompt,
-                greedy=bool(body.get("greedy", True)),
+                sampling=claimed_sampling(body),
                 codec=str(body.get("codec", "fp32")),
             )
         except KlusterError as exc:

@@ -16,8 +16,13 @@ a dispute, never a ban), or audit someone else's job. What a node cannot do: pre
 are checked (the choice comes after the fact, and every position is compared), or perturb what it
 sends along directions its receiver's projection misses (that projection is secret to the
 receiver). What this does not settle: a sender and a receiver contradicting each other about one
-link (a dispute: both are avoided by the client, neither banned), and sampled tokens (only greedy
-jobs' tokens are checked; their hidden states always are).
+link (a dispute: both are avoided by the client, neither banned), and tokens sampled with top-p
+below 1 (their hidden states are checked, the tokens are not).
+
+Tokens are checked the way the last hop says it was asked to pick them (its trail records that),
+and only if the client says the same: a client cannot get an honest sampling node banned by
+calling the job greedy, and a last hop cannot excuse a wrong token by naming another seed (either
+mismatch makes the hop ``unavailable``: the client avoids it, nobody is banned).
 """
 
 from __future__ import annotations
@@ -37,10 +42,11 @@ from engine.audit.compare import assess
 from engine.audit.judge import Blame
 from engine.audit.reference import Tolerance, compute_reference
 from engine.audit.sketch import MAX_AUDIT_POSITIONS, decode_rows
-from engine.errors import KlusterError, ProtocolError
+from engine.errors import ConfigError, KlusterError, ProtocolError
 from engine.fragments import torch_thread
 from engine.fragments.store import Pack, load_span
 from engine.models.llama import FragmentModel
+from engine.models.sampling import SamplingParams
 from engine.protocol.codec import CODECS
 
 log = logging.getLogger(__name__)
@@ -79,6 +85,32 @@ class _Reply:
     tokens: list[int] | None = None
     received: torch.Tensor | None = None
     sent: torch.Tensor | None = None
+    #: the last hop's: how it was asked to pick tokens (None: it cannot say, or it changed)
+    sampling: SamplingParams | None = None
+
+
+def parse_sampling(raw: Any) -> SamplingParams | None:
+    """``{"temperature", "top_p", "seed"}`` as ``SamplingParams``; None for anything else (pure)."""
+    if not isinstance(raw, dict) or set(raw) != {"temperature", "top_p", "seed"} or type(raw["seed"]) is not int:
+        return None
+    if not all(isinstance(raw[k], int | float) and not isinstance(raw[k], bool) for k in ("temperature", "top_p")):
+        return None
+    try:
+        return SamplingParams(float(raw["temperature"]), float(raw["top_p"]), raw["seed"])
+    except ConfigError:
+        return None
+
+
+def claimed_sampling(body: dict[str, Any]) -> SamplingParams | None:
+    """How an audit request says the tokens were picked: ``sampling``, or an older client's ``greedy``."""
+    if "sampling" in body:
+        return parse_sampling(body["sampling"])
+    return SamplingParams() if body.get("greedy", True) is True else None
+
+
+def same_choice(a: SamplingParams, b: SamplingParams) -> bool:
+    """Whether two ways of picking tokens pick the same ones (greedy ignores top-p and seed; pure)."""
+    return a == b or a.temperature == b.temperature == 0
 
 
 @dataclass
@@ -172,10 +204,13 @@ class Verifier:
         client_tokens: Sequence[int],
         *,
         prompt_tokens: int,
-        greedy: bool,
+        sampling: SamplingParams | None,
         codec: str,
     ) -> dict[str, Any]:
         """Check ``session`` on ``job``'s route at every position ``client_tokens`` covers; the verdict as JSON.
+
+        ``sampling``: how the client says it asked for tokens (None: it does not say; then the
+        tokens are not checked, the hidden states still are).
 
         ``status``: ``pass``, ``fail`` (``guilty`` and/or ``disputed`` name nodes; ``rewind_to`` is
         the first position to regenerate), ``unavailable`` (``silent`` names hops that could not
@@ -192,7 +227,7 @@ class Verifier:
             return {"status": "busy"}
         self._pending += 1
         try:
-            return await self._audit(record, job, session, list(client_tokens), prompt_tokens, greedy, codec)
+            return await self._audit(record, job, session, list(client_tokens), prompt_tokens, sampling, codec)
         finally:
             self._pending -= 1
 
@@ -203,7 +238,7 @@ class Verifier:
         session: str,
         client_tokens: list[int],
         prompt_tokens: int,
-        greedy: bool,
+        sampling: SamplingParams | None,
         codec: str,
     ) -> dict[str, Any]:
         started = time.perf_counter()
@@ -214,13 +249,15 @@ class Verifier:
         silent: list[dict[str, str]] = []
         for index, (hop, answer) in enumerate(zip(hops, answers, strict=True)):
             try:
-                replies.append(_parse_reply(answer, positions, index, len(hops), codec))
+                replies.append(_parse_reply(answer, positions, index, len(hops), codec, sampling))
             except ProtocolError as exc:
                 silent.append({"peer_id": hop.peer_id, "name": hop.name, "why": str(exc)})
         if silent:
             self.stats.unavailable += 1
             return {"status": "unavailable", "silent": silent, "positions": positions}
         route_tokens = replies[0].tokens or []
+        asked = replies[-1].sampling if sampling is not None else None
+        checked = asked if asked is not None and (asked.temperature == 0 or asked.top_p == 1.0) else None
         model = await self._model(record.model_id)
         async with self._compute_lock:
             ref = await torch_thread.run(
@@ -230,6 +267,8 @@ class Verifier:
                 [(h.start, h.end) for h in hops],
                 skip=record.skip,
                 codec=codec,
+                sampling=checked,
+                first_checked=prompt_tokens,
             )
         disagree = next((p for p, (a, b) in enumerate(zip(client_tokens, route_tokens, strict=True)) if a != b), None)
         found = assess(  # (_parse_reply made sure every boundary has both records)
@@ -239,13 +278,14 @@ class Verifier:
             [self.key_for(h.peer_id) for h in hops],
             route_tokens,
             given=prompt_tokens,
-            greedy=greedy,
+            check_tokens=checked is not None,
             tolerance=self.tolerance,
             tokens_disagree_at=disagree,
         )
         blame_, errors = found.blame, max(found.errors, default=0.0)
         self._note_disputes(record, blame_)
         verdict = self._verdict(record, blame_, errors, positions)
+        verdict["tokens_checked"] = checked is not None
         verdict["ms"] = round((time.perf_counter() - started) * 1000, 1)
         self.stats.audits += 1
         self.stats.positions += positions
@@ -293,8 +333,13 @@ def repeat_offenders(partners: dict[str, set[str]], threshold: int = DISPUTE_PAR
     return sorted(node for node, others in partners.items() if len(others) >= threshold)
 
 
-def _parse_reply(answer: dict[str, Any], positions: int, index: int, hops: int, codec: str) -> _Reply:
-    """Check one hop's ``audit_reply``: the views its place in the route must hold, for every position."""
+def _parse_reply(
+    answer: dict[str, Any], positions: int, index: int, hops: int, codec: str, claim: SamplingParams | None = None
+) -> _Reply:
+    """Check one hop's ``audit_reply``: the views its place in the route must hold, for every position.
+
+    The last hop's record of how it was asked to pick tokens must agree with the client's ``claim``.
+    """
     if not isinstance(answer, dict) or "missing" in answer:
         why = answer.get("missing") if isinstance(answer, dict) else None
         raise ProtocolError(str(why or "no trail"))
@@ -312,4 +357,8 @@ def _parse_reply(answer: dict[str, Any], positions: int, index: int, hops: int, 
         reply.received = decode_rows(answer.get("received"), positions)
     if index < hops - 1:
         reply.sent = decode_rows(answer.get("sent"), positions)
+    else:
+        reply.sampling = parse_sampling(answer.get("sampling"))
+        if claim is not None and reply.sampling is not None and not same_choice(claim, reply.sampling):
+            raise ProtocolError(f"the last hop was asked to pick tokens with {reply.sampling}, the client says {claim}")
     return reply

@@ -3,6 +3,12 @@
 The random draw for position ``p`` depends only on ``(seed, p)``: no generator state travels
 between steps, so the node that samples can change mid-generation (failover) or be the local
 reference path, and the same seed still gives the same tokens.
+
+Sampling is the exponential race (what ``torch.multinomial`` does for one draw without
+replacement, spelled out so it is ours): the token is ``argmax(p_i / E_i)`` with ``E_i ~ Exp(1)``
+drawn from the seeded generator. The noise ``E`` does not depend on the logits, so whoever knows
+the seed can check a sampled token against other logits (``engine.audit.reference``), the way a
+greedy token is checked against the argmax.
 """
 
 from __future__ import annotations
@@ -46,5 +52,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
         sorted_p, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_p, 0) - sorted_p < params.top_p
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-    gen = torch.Generator().manual_seed(_draw_seed(params.seed, position))
-    return int(torch.multinomial(probs, 1, generator=gen).item())
+    return int(torch.argmax(probs / sampling_noise(params.seed, position, probs.shape[-1])).item())
+
+
+def sampling_noise(seed: int, position: int, vocab: int) -> torch.Tensor:
+    """The ``Exp(1)`` draws (float32, one per token) that decide the sampled token at ``position``."""
+    gen = torch.Generator().manual_seed(_draw_seed(seed, position))
+    return torch.empty(vocab, dtype=torch.float32).exponential_(1.0, generator=gen)

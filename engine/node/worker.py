@@ -485,7 +485,9 @@ class Node:
         )
         if self.config.perturb > 0:
             out = _perturbed(out, self.config.perturb, span.executor.model.cfg.vocab_size)
-        self.audit.record(msg.session, msg.pos, msg.tensor, out.hidden if out.token_id is None else None, msg.codec)
+        last = out.token_id is not None
+        hidden = None if last else out.hidden
+        self.audit.record(msg.session, msg.pos, msg.tensor, hidden, msg.codec, sampling if last else None)
         self.events.step(msg.session, int(msg.tensor.shape[0]), span.model_id, (hop.start, hop.end))
         if msg.job:
             sampled = torch.tensor(out.tokens or [out.token_id or 0], dtype=torch.int64)

@@ -172,3 +172,10 @@ def test_cli_spot_checks_a_job_and_refuses_what_it_cannot_check(grid: LocalClust
     done = json.loads(res.stdout.strip().splitlines()[-1])
     spot = done["stats"]["spot_checks"]
     assert spot["requested"] >= 5 and spot["passed"] >= 1 and spot["failed"] == 0, spot
+    assert spot["tokens_checked"] == spot["passed"], spot
+    # sampled tokens are checked too (against the seeded race), honest ones pass
+    sampled = ("--temperature", "0.9", "--seed", "7")
+    res = kluster(*remote, "--spot-check", "1", "--json", "--max-new-tokens", "8", *sampled)
+    assert res.returncode == 0, res.stderr
+    spot = json.loads(res.stdout.strip().splitlines()[-1])["stats"]["spot_checks"]
+    assert spot["passed"] >= 1 and spot["failed"] == 0 and spot["tokens_checked"] == spot["passed"], spot

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.audit.calibrate import emulate_route, measure
+from engine.audit.calibrate import Measured, emulate_route, measure
 from engine.audit.judge import View, blame, view
 from engine.audit.reference import Tolerance, compute_reference
 from engine.audit.sketch import MAX_AUDIT_POSITIONS, SKETCH_DIM, decode_rows, encode_rows, node_key, projection
@@ -18,13 +18,14 @@ from engine.audit.trail import AuditTrail
 from engine.client.receipts import Countersigner
 from engine.client.spotcheck import MAX_REWINDS, SpotChecker, SpotStats
 from engine.coordinator.billing import Billing, Hop
-from engine.coordinator.verifier import repeat_offenders
+from engine.coordinator.verifier import _parse_reply, claimed_sampling, parse_sampling, repeat_offenders
 from engine.errors import ProtocolError
 from engine.ledger.chain import Kind
 from engine.ledger.credit import Reject
 from engine.ledger.pricing import Pricing
 from engine.ledger.store import Ledger
 from engine.models.loading import load_model
+from engine.models.sampling import SamplingParams, sample, sampling_noise
 from engine.node.receipts import ReceiptKeeper
 from engine.transport.identity import Identity
 
@@ -234,6 +235,47 @@ def test_first_hop_trail_keeps_token_ids_and_last_hop_keeps_no_sent_view() -> No
     assert body["tokens"] == [5, 6, 7] and body["codec"] == "int8" and "sent" not in body
 
 
+def test_last_hop_trail_says_how_it_was_asked_to_pick_tokens() -> None:
+    trail = AuditTrail()
+    trail.set_key(b"k" * 32)
+    asked = SamplingParams(0.7, 1.0, 42)
+    trail.record("s", 0, torch.randn(3, 8), None, "fp32", asked)
+    trail.record("s", 3, torch.randn(1, 8), None, "fp32", asked)
+    assert parse_sampling(trail.report("s", 4)["sampling"]) == asked
+    trail.record("s", 4, torch.randn(1, 8), None, "fp32", SamplingParams(0.7, 1.0, 43))  # the client changed seed
+    assert trail.report("s", 5)["sampling"] == "mixed" and parse_sampling("mixed") is None  # tokens go unchecked
+
+
+def test_audit_uses_the_sampling_both_client_and_last_hop_name() -> None:
+    hidden = torch.randn(2, SKETCH_DIM)
+    reply = {"positions": 2, "codec": "fp32", "received": encode_rows(hidden)}
+    sampled = {"temperature": 0.7, "top_p": 1.0, "seed": 5}
+    got = _parse_reply({**reply, "sampling": sampled}, 2, 1, 2, "fp32", SamplingParams(0.7, 1.0, 5))
+    assert got.sampling == SamplingParams(0.7, 1.0, 5)
+    # a client calling a sampled job greedy (to get the honest last hop banned) gets no verdict on it
+    with pytest.raises(ProtocolError, match="the client says"):
+        _parse_reply({**reply, "sampling": sampled}, 2, 1, 2, "fp32", SamplingParams())
+    with pytest.raises(ProtocolError, match="the client says"):  # nor a last hop naming another seed
+        _parse_reply({**reply, "sampling": {**sampled, "seed": 6}}, 2, 1, 2, "fp32", SamplingParams(0.7, 1.0, 5))
+    greedy = {"temperature": 0.0, "top_p": 0.9, "seed": 1}  # greedy ignores top-p and seed
+    assert _parse_reply({**reply, "sampling": greedy}, 2, 1, 2, "fp32", SamplingParams()).sampling is not None
+    assert claimed_sampling({"greedy": True}) == SamplingParams() and claimed_sampling({"greedy": False}) is None
+    assert claimed_sampling({"sampling": sampled}) == SamplingParams(0.7, 1.0, 5)
+    for bad in ("x", {"temperature": -1, "top_p": 1.0, "seed": 0}, {**sampled, "seed": 1.5}, {**sampled, "x": 1}):
+        assert parse_sampling(bad) is None
+
+
+@given(st.integers(0, 2**62), st.integers(0, 4096), st.sampled_from([0.2, 0.7, 1.0, 1.8]))
+@settings(max_examples=30, deadline=None)
+def test_sampled_token_wins_the_seeded_exponential_race(seed: int, position: int, temperature: float) -> None:
+    """What the verifier relies on: the sampler's choice is the race ``argmax(l/T - log E)``."""
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(seed % 1000)) * 4
+    params = SamplingParams(temperature, 1.0, seed)
+    scores = logits.double() / temperature - sampling_noise(seed, position, 300).double().log()
+    assert sample(logits, params, position) == int(scores.argmax())
+    assert sample(logits, params, position) == sample(logits.clone(), params, position)
+
+
 def test_trail_of_a_session_too_long_to_audit_says_so() -> None:
     trail = AuditTrail()
     trail.set_key(b"k" * 32)
@@ -257,6 +299,25 @@ def test_reference_matches_an_honest_route_and_catches_a_perturbing_hop(tiny_mod
     for hop in (0, 1):
         bad = measure(model, emulate_route(model, prompt, hops, 12, perturb=1.0, perturb_hop=hop), hops, Tolerance())
         assert bad.guilty == (hop,) and bad.rewind_to is not None and bad.rewind_to <= len(prompt)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_reference_checks_sampled_tokens_and_catches_a_lying_last_hop(tiny_model_dir: Path, temperature: float) -> None:
+    model = load_model(tiny_model_dir)
+    hops = [(0, 2), (2, model.cfg.num_hidden_layers)]
+    prompt = [3, 14, 15, 92, 65, 35]
+    sampling = SamplingParams(temperature, 1.0, 1234)
+    tol = Tolerance(logit_gap=0.5)  # the tiny random model's logits span ~1, SmolLM2's ~30
+
+    def run(lie_at: int | None) -> Measured:
+        route = emulate_route(model, prompt, hops, 16, sampling=sampling, lie_at=lie_at)
+        return measure(model, route, hops, tol, sampling=sampling)
+
+    honest = run(None)
+    assert honest.max_gap < 1e-3 and honest.rewind_to is None
+    lie = run(5)
+    # the lie is the 6th generated token: the last hop is blamed from the position that fed it
+    assert lie.max_gap > tol.logit_gap and lie.guilty == (1,) and lie.rewind_to == len(prompt) + 5
 
 
 def test_reference_skips_layers_and_refuses_routes_that_do_not_cover_the_model(tiny_model_dir: Path) -> None:
@@ -332,7 +393,11 @@ def test_billing_forgets_the_oldest_jobs_past_its_bound(tmp_path: Path) -> None:
     billing.max_jobs = 2
     for job in ("job-1", "job-2", "job-3"):
         billing.assign(
-            job, client=client.peer_id("c"), developer="d", model="m", model_layers=20,
+            job,
+            client=client.peer_id("c"),
+            developer="d",
+            model="m",
+            model_layers=20,
             hops=[Hop(node.peer_id("n"), "f0", (0, 10))],
         )
     assert billing.client_of("job-1", node.peer_id("n")) is None  # forgotten: its receipts earn nothing
