@@ -118,6 +118,13 @@ def register(sub: Any) -> None:
         help="authenticated requests per second and burst allowed per account, or 'off' (default 20:200)",
     )
     c.add_argument(
+        "--rate-audit",
+        default="2000:100000",
+        metavar="RATE:BURST",
+        help="positions spot checks may recompute per second and at once, per account (auth off: per IP), "
+        "or 'off' (default 2000:100000)",
+    )
+    c.add_argument(
         "--ledger",
         default=None,
         metavar="PATH",
@@ -337,7 +344,11 @@ def _auth_options(args: argparse.Namespace, db: str) -> dict[str, Any]:
         "auth": args.auth,
         "session_secret": secret,
         "session_ttl_s": args.session_ttl,
-        "rate_limits": RateLimits(per_ip=parse_limit(args.rate_ip), per_account=parse_limit(args.rate_account)),
+        "rate_limits": RateLimits(
+            per_ip=parse_limit(args.rate_ip),
+            per_account=parse_limit(args.rate_account),
+            audit_positions=parse_limit(args.rate_audit),
+        ),
     }
 
 

@@ -218,7 +218,8 @@ class RemotePipeline:
         return aiohttp.ClientSession(timeout=timeout, middlewares=middlewares)
 
     async def _post_audit(self, body: dict[str, Any]) -> dict[str, Any]:
-        """``POST /v1/audit`` (a spot check); the verdict, or a CoordinatorError."""
+        """``POST /v1/audit`` (a spot check); the verdict (``busy`` when this account's check budget is
+        spent for now: HTTP 429), or a CoordinatorError."""
         try:
             async with (
                 self._http_session(aiohttp.ClientTimeout(total=120, sock_connect=10)) as http,
@@ -227,6 +228,9 @@ class RemotePipeline:
                 data = await resp.json(content_type=None)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             raise CoordinatorError(f"spot check request failed: {exc or type(exc).__name__}") from None
+        if resp.status == 429:
+            log.info("spot check not made: the coordinator says this account's check budget is spent")
+            return {"status": "busy"}
         raise_for_error_body(resp.status, data)
         if not isinstance(data, dict):
             raise CoordinatorError("the coordinator sent no verdict")

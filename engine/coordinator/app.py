@@ -63,7 +63,16 @@ from engine.audit.reference import Tolerance
 from engine.audit.sketch import node_key
 from engine.coordinator import events
 from engine.coordinator.accounts import ADMIN, AccountStore
-from engine.coordinator.auth import ACCOUNT, CLOSE_UNAUTHORIZED, DEFAULT_TTL_S, SESSION_PATH, AuthGate, ForbiddenError
+from engine.coordinator.auth import (
+    ACCOUNT,
+    CLOSE_UNAUTHORIZED,
+    DEFAULT_TTL_S,
+    SESSION_PATH,
+    AuthGate,
+    ForbiddenError,
+    RateLimitedError,
+    refusal,
+)
 from engine.coordinator.billing import DEFAULT_PRICE_PER_MTOK, Billing, Hop, new_job_id
 from engine.coordinator.events import EventHub
 from engine.coordinator.experts import NODE_MESSAGES as EXPERT_MESSAGES
@@ -550,7 +559,8 @@ class Coordinator:
         session's token at every position checked), ``prompt_tokens`` (how many of them the client fed
         itself: the prompt, or a failover's replay; the route answers only for the tokens after),
         ``sampling`` (``temperature``, ``top_p``, ``seed``; older clients: ``greedy``), ``codec``. Only
-        the client the job's route was handed to may audit it. Guilty nodes are banned here.
+        the client the job's route was handed to may audit it. Guilty nodes are banned here. Each
+        request spends its positions from the caller's check budget (429 once it is spent).
         """
         try:
             body = await request.json()
@@ -560,6 +570,10 @@ class Coordinator:
             return _error(400, "the audit request must be a JSON object", "bad_request")
         job, session, client = str(body.get("job", "")), str(body.get("session", ""))[:64], str(body.get("client", ""))
         tokens, prompt = body.get("tokens"), body.get("prompt_tokens")
+        try:  # charged before anything else: the budget bounds what a caller may ask, bogus asks too
+            self.gate.charge_audit(request, len(tokens) if isinstance(tokens, list) else 1)
+        except RateLimitedError as exc:
+            return refusal(exc)
         record = self.verifier.route_of(job)
         if record is None:
             return _error(404, f"no route of job {job!r} is known here", "not_found")

@@ -324,6 +324,12 @@ def error_response(status: int, err: KlusterError, headers: dict[str, str] | Non
     return web.json_response({"error": {"code": err.code, "message": str(err)}}, status=status, headers=headers)
 
 
+def refusal(err: KlusterError) -> web.Response:
+    """The HTTP answer to a request refused with ``err`` (status and headers by its kind)."""
+    status, headers = _status(err)
+    return error_response(status, err, headers)
+
+
 def _status(err: KlusterError) -> tuple[int, dict[str, str] | None]:
     if isinstance(err, RateLimitedError):
         return 429, {"Retry-After": retry_after(err.retry_after_s)}
@@ -375,11 +381,27 @@ class AuthGate:
         self._clock, self._monotonic = clock, monotonic
         self._per_ip = Buckets(limits.per_ip, limits.max_keys) if limits.per_ip else None
         self._per_account = Buckets(limits.per_account, limits.max_keys) if limits.per_account else None
+        self._audits = Buckets(limits.audit_positions, limits.max_keys) if limits.audit_positions else None
         self.replay = ReplayCache()
 
     def _limit(self, buckets: Buckets | None, key: str, who: str) -> None:
         if buckets is not None and (wait := buckets.take(key, self._monotonic())) > 0:
             raise RateLimitedError(f"too many requests from {who}; retry in {math.ceil(wait)} s", wait)
+
+    def charge_audit(self, request: web.Request, positions: int) -> None:
+        """Take ``positions`` from the spot-check budget of the request's account (auth off: its
+        address); RateLimitedError when it is spent."""
+        if self._audits is None:
+            return
+        claims = request.get(ACCOUNT)
+        who = f"account '{claims.sub}'" if isinstance(claims, Claims) else "this address"
+        key = claims.sub if isinstance(claims, Claims) else client_key(request.remote)
+        if (wait := self._audits.take(key, self._monotonic(), positions)) > 0:
+            rate = self._audits.limit.rate
+            raise RateLimitedError(
+                f"spot checks of {who} are over their budget of {rate:g} positions/s; retry in {math.ceil(wait)} s",
+                wait,
+            )
 
     def verify(self, token: object, roles: frozenset[str], what: str) -> Claims:
         """The claims of a session allowed to do ``what``, its account still active; else AuthError."""
@@ -401,8 +423,7 @@ class AuthGate:
                 if self.enabled and roles is not None:
                     request[ACCOUNT] = self.verify(_bearer(request), roles, f"use {request.path}")
             except KlusterError as exc:
-                status, headers = _status(exc)
-                return error_response(status, exc, headers)
+                return refusal(exc)
             return await handler(request)
 
         return gate

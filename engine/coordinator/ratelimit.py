@@ -59,6 +59,11 @@ class RateLimits:
     per_ip: Limit | None = field(default_factory=lambda: Limit(50.0, 500.0))
     #: authenticated requests, session exchanges and hellos, per account; None: no limit
     per_account: Limit | None = field(default_factory=lambda: Limit(20.0, 200.0))
+    #: positions spot checks may recompute, per account (auth off: per client IP). An audit costs
+    #: the coordinator a prefill over every position it covers (up to 2,048), ~1,000-2,000 per
+    #: second on 2 CPU cores: one account must not be able to keep the verifier to itself. A
+    #: check every 4th step of a 160-token generation asks ~550 positions/s.
+    audit_positions: Limit | None = field(default_factory=lambda: Limit(2_000.0, 100_000.0))
     #: buckets kept per limit at most (memory bound)
     max_keys: int = 100_000
 
@@ -77,9 +82,9 @@ class Buckets:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def take(self, key: str, now: float) -> float:
-        """Take a token for ``key`` at time ``now`` (seconds, monotonic): 0.0 when allowed, else the
-        seconds until a token is back (nothing is taken then)."""
+    def take(self, key: str, now: float, cost: float = 1.0) -> float:
+        """Take ``cost`` tokens (at most a burst) for ``key`` at time ``now`` (seconds, monotonic):
+        0.0 when allowed, else the seconds until they are back (nothing is taken then)."""
         self._forget_full(now)
         limit = self.limit
         bucket = self._buckets.get(key)
@@ -88,11 +93,11 @@ class Buckets:
         else:
             tokens = min(limit.burst, bucket[0] + max(0.0, now - bucket[1]) * limit.rate)
             self._buckets.move_to_end(key)
-        wait = 0.0
-        if tokens >= 1.0:
-            tokens -= 1.0
+        wait, cost = 0.0, min(cost, limit.burst)
+        if tokens >= cost:
+            tokens -= cost
         else:
-            wait = (1.0 - tokens) / limit.rate
+            wait = (cost - tokens) / limit.rate
         self._buckets[key] = [tokens, now]
         if len(self._buckets) > self.max_keys:
             self._buckets.popitem(last=False)

@@ -302,6 +302,17 @@ async def test_floods_get_429_with_retry_after(start: Start, accounts: Accounts)
     assert headers["Retry-After"] == "2"
 
 
+async def test_spot_checks_are_held_to_a_budget_of_positions_per_account(start: Start, accounts: Accounts) -> None:
+    _, url = await start(rate_limits=RateLimits(per_ip=None, per_account=None, audit_positions=Limit(100.0, 1000.0)))
+    session = await _session(url, accounts.developer)
+    body = {"job": "j-unknown", "session": "s", "client": "c", "tokens": [1] * 600, "prompt_tokens": 1}
+    status, answer, _ = await _http("POST", url + "/v1/audit", session, json=body)
+    assert status == 404, answer  # asked and charged, though there is no such job
+    status, answer, headers = await _http("POST", url + "/v1/audit", session, json=body)
+    assert status == 429 and answer["error"]["message"].startswith("spot checks of account 'dev' are over")
+    assert headers["Retry-After"] == "2"  # 200 positions missing at 100/s
+
+
 async def test_oversized_messages_and_bodies_are_refused(start: Start, accounts: Accounts) -> None:
     coord, url = await start()
     # Before the hello (nobody authenticated yet) and after it: 1009 "message too big" either way.

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,6 +18,7 @@ from engine.audit.reference import Tolerance, compute_reference
 from engine.audit.sketch import MAX_AUDIT_POSITIONS, SKETCH_DIM, decode_rows, encode_rows, node_key, projection
 from engine.audit.trail import AuditTrail
 from engine.client.receipts import Countersigner
+from engine.client.remote import RemotePipeline
 from engine.client.spotcheck import MAX_REWINDS, SpotChecker, SpotStats
 from engine.coordinator.billing import Billing, Hop
 from engine.coordinator.verifier import _parse_reply, claimed_sampling, parse_sampling, repeat_offenders
@@ -119,6 +122,29 @@ def test_spot_checker_avoids_culprits_and_hops_that_cannot_show_their_trail() ->
     stats = asyncio.run(run())
     assert avoided == ["n-quiet", "n-bad"]
     assert (stats.unavailable, stats.failed, stats.passed, stats.steps_verified) == (1, 1, 1, 15)
+
+
+def test_a_spent_check_budget_makes_the_check_busy_not_an_error() -> None:
+    """The coordinator answers 429 once an account's spot-check budget is spent (a real HTTP server here)."""
+
+    async def run() -> dict[str, Any]:
+        async def audit(_: web.Request) -> web.Response:
+            body = {"error": {"code": "rate_limited", "message": "spot checks of account 'dev' are over"}}
+            return web.json_response(body, status=429, headers={"Retry-After": "2"})
+
+        app = web.Application()
+        app.router.add_post("/v1/audit", audit)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        try:
+            port = runner.addresses[0][1]
+            return await RemotePipeline(f"http://127.0.0.1:{port}", "m")._post_audit({"job": "j"})
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(run()) == {"status": "busy"}
 
 
 def test_spot_checker_stops_regenerating_after_max_rewinds() -> None:

@@ -15,14 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
 from engine.coordinator.accounts import AccountStore
 from engine.coordinator.auth import (
+    ACCOUNT,
     AUDIENCE,
     REQUIRED_CLAIMS,
     AuthBusyError,
     AuthError,
     AuthGate,
+    Claims,
     ForbiddenError,
     RateLimitedError,
     ReplayCache,
@@ -317,6 +320,26 @@ def test_hellos_count_against_the_account_rate_limit(store: AccountStore) -> Non
     with pytest.raises(RateLimitedError) as info:
         gate.check_hello({"session": issue_session(SECRET, "alice", "supplier", "n" * 32, now=clock.now)}, "node")
     assert info.value.retry_after_s == pytest.approx(1.0)
+
+
+def test_spot_checks_spend_a_budget_of_positions_per_account_or_address(store: AccountStore) -> None:
+    clock = Clock()
+    gate = _gate(store, clock, limits=RateLimits(audit_positions=Limit(100.0, 1000.0)))
+    alice, bob = make_mocked_request("POST", "/v1/audit"), make_mocked_request("POST", "/v1/audit")
+    alice[ACCOUNT] = Claims("alice", "developer", NOW + 60, NOW, "j", "n")
+    bob[ACCOUNT] = Claims("bob", "developer", NOW + 60, NOW, "j", "n")
+    gate.charge_audit(alice, 700)
+    with pytest.raises(RateLimitedError, match="account 'alice' are over their budget") as info:
+        gate.charge_audit(alice, 700)
+    assert info.value.retry_after_s == pytest.approx(4.0)
+    gate.charge_audit(bob, 700)  # another account's checks are not held up
+    clock.now += 4.0
+    gate.charge_audit(alice, 700)
+    anonymous = make_mocked_request("POST", "/v1/audit")  # auth off: keyed by address
+    gate.charge_audit(anonymous, 1000)
+    with pytest.raises(RateLimitedError, match="this address"):
+        gate.charge_audit(anonymous, 1)
+    _gate(store, clock, limits=RateLimits(audit_positions=None)).charge_audit(anonymous, 10**6)  # 'off'
 
 
 # ------------------------------------------------------------------ secrets and token files

@@ -19,6 +19,15 @@ def test_a_burst_passes_then_requests_wait_for_the_refill() -> None:
     assert buckets.take("a", 100.0) > 0
 
 
+def test_a_request_may_cost_several_tokens_and_never_more_than_a_burst() -> None:
+    buckets = Buckets(Limit(rate=100.0, burst=1000.0))  # e.g. positions a spot check recomputes
+    assert buckets.take("a", 0.0, 600) == 0.0
+    assert buckets.take("a", 0.0, 600) == pytest.approx(2.0)  # 200 missing at 100/s; nothing taken
+    assert buckets.take("a", 2.0, 600) == 0.0
+    assert buckets.take("b", 0.0, 5000) == 0.0  # one request over the burst passes a full bucket ...
+    assert buckets.take("b", 0.0, 1) > 0  # ... and empties it
+
+
 def test_keys_have_their_own_buckets() -> None:
     buckets = Buckets(Limit(rate=1.0, burst=1.0))
     assert buckets.take("a", 0.0) == 0.0
