@@ -83,9 +83,11 @@ def _print_summary(done: dict[str, Any], names: dict[str, str], out: TextIO) -> 
     spot = s.get("spot_checks")
     if spot:
         caught = ", ".join(spot["guilty"] + spot["disputed"])
+        partly = spot.get("tokens_checked", spot["passed"]) < spot["passed"]
         print(
             f"  spot checks: {spot['requested']} asked, {spot['passed']} passed, {spot['failed']} failed"
-            f"{f' ({caught})' if caught else ''}, {spot['steps_verified']} generated tokens verified",
+            f"{f' ({caught})' if caught else ''}, {spot['steps_verified']} generated tokens verified"
+            f"{' (hidden states only: tokens sampled with top-p < 1 are not checked)' if partly else ''}",
             file=out,
         )
     spec = s.get("speculative")
