@@ -187,4 +187,12 @@ def run_pipeline(args: argparse.Namespace) -> int:
         f"{f'kluster {args.nodes}-node WebRTC loopback':<34}{dist_best:10.2f}"
         f"{dist_best / local_best:12.2f}{'>= 0.85':>10}  (vs kluster local)"
     )
+    compute = sum(h["compute_ms"] for h in hops)
+    queue = sum(h["queue_ms"] for h in hops)
+    network = best_run["network_ms_per_token"]
+    print(
+        f"per token: local {1000 / local_best:.1f} ms; {args.nodes}-node {1000 / dist_best:.1f} ms = the hops' compute "
+        f"{compute:.1f} + handing steps to their torch threads {queue:.1f} + transfers and the rest "
+        f"{network if network is not None else float('nan'):.1f}"
+    )
     return 0

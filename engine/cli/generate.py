@@ -203,8 +203,6 @@ def check_activation(args: argparse.Namespace) -> None:
     spot = getattr(args, "spot_check", 0.0)
     if not 0.0 <= spot <= 1.0:
         raise ConfigError(f"--spot-check must be a fraction of steps in [0, 1], got {spot:g}")
-    if spot > 0 and args.verify:
-        raise ConfigError("--spot-check does not cover --verify (speculative) jobs yet")
 
 
 async def _generate_remote(

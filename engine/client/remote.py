@@ -82,6 +82,21 @@ class _SessionState:
     given: int = 0
     #: how the session's tokens are picked (a spot check checks them against the reference this way)
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    #: a failed spot check's rewind was handed out: the next step back in time regenerates without
+    #: the culprits (for verify steps, going back is otherwise a rejected draft)
+    spot_rewind: bool = False
+
+
+def _accepted(fed: list[int], greedy: tuple[int, ...]) -> int:
+    """Drafts of a verify step the route agreed with: ``fed[i + 1]`` is the greedy token after ``fed[i]``.
+
+    Only those positions are settled; the rest are dropped by the next step, so a spot check
+    must not hold the route to account for them (pure).
+    """
+    count = 0
+    while count + 1 < len(fed) and count < len(greedy) and fed[count + 1] == greedy[count]:
+        count += 1
+    return count
 
 
 def _rewind(state: _SessionState, pos: int) -> None:
@@ -238,7 +253,10 @@ class RemotePipeline:
 
     def pending_rewind(self, session: str) -> int | None:
         """The first position a failed spot check says to regenerate (None: none)."""
-        return None if self.spot is None else self.spot.pending_rewind(session)
+        rewind = None if self.spot is None else self.spot.pending_rewind(session)
+        if rewind is not None and session in self._sessions:
+            self._sessions[session].spot_rewind = True
+        return rewind
 
     async def settle(self, session: str) -> None:
         """Wait for the session's spot checks still running (a generation calls this before it ends)."""
@@ -460,15 +478,17 @@ class RemotePipeline:
             state.given, state.sampling = len(tokens), sampling
         events: list[dict[str, Any]] = []
         rewound = False
-        if verify and pos < state.next_pos:
-            _rewind(state, pos)
-        elif pos < state.next_pos:  # a failed spot check: regenerate from ``pos`` without its culprits
+        if pos < state.next_pos and (state.spot_rewind or not verify):
+            # a failed spot check: regenerate from ``pos`` without its culprits
+            state.spot_rewind = False
             _rewind(state, pos)
             state.ring_left = 0
             event = await self._reroute(state)
             if event is not None:
                 events.append(event)
             rewound = True
+        elif verify and pos < state.next_pos:  # drafts the caller rejected
+            _rewind(state, pos)
         continuing = state.ring_left > 0 and state.next_pos == pos and tokens == [state.last_token]
         t0 = state.last_arrival if continuing else time.perf_counter()
         replay = rewound
@@ -503,17 +523,18 @@ class RemotePipeline:
         state.last_arrival = arrival
         state.ring_left = 0 if token.token_id in stop_ids else state.ring_left - 1
         if self.spot is not None and self.job:
-            self.spot.maybe_check(session, self._audit_request(state))
+            settled = pos + 1 + _accepted(tokens, token.tokens) if verify else len(state.history)
+            self.spot.maybe_check(session, self._audit_request(state, settled))
             events.extend(self.spot.take_events(session))
         return StepResult(token.token_id, token.timings, (arrival - t0) * 1000, tuple(events), token.tokens)
 
-    def _audit_request(self, state: _SessionState) -> dict[str, Any]:
-        """The ``/v1/audit`` body checking every position ``state`` has fed on the current route."""
+    def _audit_request(self, state: _SessionState, positions: int) -> dict[str, Any]:
+        """The ``/v1/audit`` body checking the first ``positions`` positions ``state`` fed on the current route."""
         return {
             "job": self.job,
             "session": state.wire_id,
             "client": self.signaling.peer_id,
-            "tokens": list(state.history),
+            "tokens": state.history[:positions],
             "prompt_tokens": state.given,
             "greedy": state.sampling.temperature == 0,
             "sampling": asdict(state.sampling),

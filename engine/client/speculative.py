@@ -175,9 +175,10 @@ class SpeculativePipeline:
         return drafts
 
     def summary(self) -> dict[str, Any]:
-        """Acceptance figures for the ``done`` event: what the draft bought."""
-        s = self.stats
-        return {"speculative": {**self._figures(s), "draft_budget": self.budget}}
+        """For the ``done`` event: the target's own figures (e.g. spot checks), and what the draft bought."""
+        target = getattr(self.target, "summary", None)
+        own = {**self._figures(self.stats), "draft_budget": self.budget}
+        return {**(target() if callable(target) else {}), "speculative": own}
 
     def _figures(self, s: SpecStats) -> dict[str, Any]:
         return {
@@ -189,6 +190,21 @@ class SpeculativePipeline:
             "draft_ms": round(s.draft_ms, 1),
             "verify_ms": round(s.verify_ms, 1),
         }
+
+    def pending_rewind(self, session: str) -> int | None:
+        """A failed spot check's position to regenerate from (the target's); this round's tokens not
+        yet handed out go with it."""
+        pending = getattr(self.target, "pending_rewind", None)
+        rewind = pending(session) if pending is not None else None
+        if rewind is not None and session in self._sessions:
+            self._sessions[session].buffer.clear()
+        return rewind
+
+    async def settle(self, session: str) -> None:
+        """Wait for the target's spot checks still running (see ``RemotePipeline.settle``)."""
+        settle = getattr(self.target, "settle", None)
+        if settle is not None:
+            await settle(session)
 
     async def close_session(self, session: str) -> None:
         self._sessions.pop(session, None)

@@ -162,7 +162,6 @@ def test_cli_spot_checks_a_job_and_refuses_what_it_cannot_check(grid: LocalClust
     remote = ("--coordinator", grid.url)
     for args, message in (
         ((*remote, "--spot-check", "2"), "--spot-check must be a fraction"),
-        ((*remote, "--spot-check", "0.5", "--activation", "0.8", "--verify"), "does not cover --verify"),
         (("--local", "--spot-check", "0.1"), "needs a grid"),
     ):
         res = kluster(*args)
@@ -179,3 +178,11 @@ def test_cli_spot_checks_a_job_and_refuses_what_it_cannot_check(grid: LocalClust
     assert res.returncode == 0, res.stderr
     spot = json.loads(res.stdout.strip().splitlines()[-1])["stats"]["spot_checks"]
     assert spot["passed"] >= 1 and spot["failed"] == 0 and spot["tokens_checked"] == spot["passed"], spot
+    # self-speculative jobs: checks cover the drafts the route accepted, and the output stays the whole model's
+    greedy = json.loads(kluster(*remote, "--json", "--max-new-tokens", "12").stdout.strip().splitlines()[-1])
+    res = kluster(*remote, "--spot-check", "1", "--json", "--max-new-tokens", "12", "--activation", "0.8", "--verify")
+    assert res.returncode == 0, res.stderr
+    done = json.loads(res.stdout.strip().splitlines()[-1])
+    spot = done["stats"]["spot_checks"]
+    assert spot["passed"] >= 1 and spot["failed"] == 0 and spot["tokens_checked"] == spot["passed"], spot
+    assert done["token_ids"] == greedy["token_ids"]

@@ -8,11 +8,17 @@ loop to regenerate from a position, as ``RemotePipeline`` does after a failed ch
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from engine.client.generation import GenerationRequest, StepResult, generate_events
+from engine.client.local import LocalPipeline
+from engine.client.remote import _accepted
+from engine.client.speculative import SpeculativePipeline
+from engine.models.loading import load_model
 
 PROMPT = list(range(10))
 
@@ -89,3 +95,55 @@ def test_a_rewind_found_after_the_last_step_still_corrects_the_output() -> None:
     events = _run(route, 8)
     assert events[-1]["token_ids"] == [honest(len(PROMPT) + i) for i in range(8)]
     assert [ev["event"] for ev in events].count("rewind") == 1
+
+
+# -- the same with self-speculative decoding (--verify) --------------------------------------------------
+
+
+class LyingVerifier:
+    """A verifying route (the whole tiny model, locally) whose last hop answers wrong greedy tokens for
+    its first ``bad_rounds`` verify steps; then a spot check's rewind to ``rewind_to`` is pending."""
+
+    def __init__(self, local: LocalPipeline, vocab: int, bad_rounds: int, rewind_to: int) -> None:
+        self.local, self.vocab, self.bad_rounds, self.rewind_to = local, vocab, bad_rounds, rewind_to
+        self.rounds = 0
+        self._pending: int | None = None
+
+    async def step(self, session: str, pos: int, tokens: list[int], *args: Any, **kwargs: Any) -> StepResult:
+        result = await self.local.step(session, pos, tokens, *args, **kwargs)
+        self.rounds += 1
+        if self.rounds <= self.bad_rounds:
+            lies = tuple((t + 1) % self.vocab for t in result.tokens)
+            result = replace(result, token_id=lies[-1], tokens=lies)
+        if self.rounds == self.bad_rounds:
+            self._pending = self.rewind_to
+        return result
+
+    def pending_rewind(self, session: str) -> int | None:
+        pending, self._pending = self._pending, None
+        return pending
+
+    async def close_session(self, session: str) -> None:
+        await self.local.close_session(session)
+
+
+def test_a_spot_check_rewind_under_speculative_decoding_ends_with_the_honest_output(tiny_model_dir: Path) -> None:
+    model = load_model(tiny_model_dir)
+    prompt = [3, 14, 15, 92, 65, 35]
+
+    async def tokens(pipeline: Any) -> tuple[list[int], list[str]]:
+        request = GenerationRequest(prompt, 12)
+        events = [ev async for ev in generate_events(pipeline, Tok(), request)]  # type: ignore[arg-type]
+        return events[-1]["token_ids"], [ev["event"] for ev in events]
+
+    honest_ids, _ = asyncio.run(tokens(LocalPipeline(model)))
+    route = LyingVerifier(LocalPipeline(model), model.cfg.vocab_size, bad_rounds=3, rewind_to=len(prompt))
+    got, kinds = asyncio.run(tokens(SpeculativePipeline(route, model, frozenset({1}), draft_tokens=2)))
+    assert kinds.count("rewind") == 1 and got == honest_ids
+
+
+def test_only_drafts_the_route_agreed_with_are_settled() -> None:
+    assert _accepted([7, 1, 2, 3], (1, 2, 9, 4)) == 2  # position 3's draft was rejected
+    assert _accepted([7, 5, 2], (1, 2, 3)) == 0
+    assert _accepted([7], (1,)) == 0
+    assert _accepted([7, 1, 2], (1, 2, 3)) == 2
