@@ -21,8 +21,9 @@ below 1 (their hidden states are checked, the tokens are not).
 
 Tokens are checked the way the last hop says it was asked to pick them (its trail records that),
 and only if the client says the same: a client cannot get an honest sampling node banned by
-calling the job greedy, and a last hop cannot excuse a wrong token by naming another seed (either
-mismatch makes the hop ``unavailable``: the client avoids it, nobody is banned).
+calling the job greedy, and a last hop cannot excuse a wrong token by naming another seed, nor
+escape the check by not saying (each makes the hop ``unavailable``: the client avoids it, nobody
+is banned).
 """
 
 from __future__ import annotations
@@ -256,7 +257,7 @@ class Verifier:
             self.stats.unavailable += 1
             return {"status": "unavailable", "silent": silent, "positions": positions}
         route_tokens = replies[0].tokens or []
-        asked = replies[-1].sampling if sampling is not None else None
+        asked = replies[-1].sampling if sampling is not None else None  # (the client's claim, confirmed)
         checked = asked if asked is not None and (asked.temperature == 0 or asked.top_p == 1.0) else None
         model = await self._model(record.model_id)
         async with self._compute_lock:
@@ -359,6 +360,9 @@ def _parse_reply(
         reply.sent = decode_rows(answer.get("sent"), positions)
     else:
         reply.sampling = parse_sampling(answer.get("sampling"))
+        if claim is not None and reply.sampling is None:
+            # (else a last hop could keep its tokens from being checked by saying nothing, or "mixed")
+            raise ProtocolError("the last hop's trail does not say how it was asked to pick tokens")
         if claim is not None and reply.sampling is not None and not same_choice(claim, reply.sampling):
             raise ProtocolError(f"the last hop was asked to pick tokens with {reply.sampling}, the client says {claim}")
     return reply

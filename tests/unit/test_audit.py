@@ -283,6 +283,10 @@ def test_audit_uses_the_sampling_both_client_and_last_hop_name() -> None:
         _parse_reply({**reply, "sampling": sampled}, 2, 1, 2, "fp32", SamplingParams())
     with pytest.raises(ProtocolError, match="the client says"):  # nor a last hop naming another seed
         _parse_reply({**reply, "sampling": {**sampled, "seed": 6}}, 2, 1, 2, "fp32", SamplingParams(0.7, 1.0, 5))
+    for unsaid in ({}, {"sampling": "mixed"}):  # a last hop cannot keep its tokens unchecked by not saying
+        with pytest.raises(ProtocolError, match="does not say"):
+            _parse_reply({**reply, **unsaid}, 2, 1, 2, "fp32", SamplingParams(0.7, 1.0, 5))
+    assert _parse_reply(reply, 2, 1, 2, "fp32", None).sampling is None  # the client did not say either
     greedy = {"temperature": 0.0, "top_p": 0.9, "seed": 1}  # greedy ignores top-p and seed
     assert _parse_reply({**reply, "sampling": greedy}, 2, 1, 2, "fp32", SamplingParams()).sampling is not None
     assert claimed_sampling({"greedy": True}) == SamplingParams() and claimed_sampling({"greedy": False}) is None
