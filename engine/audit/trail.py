@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -134,9 +134,6 @@ class AuditTrail:
             body["received"] = encode_rows(torch.cat(trail.received)[:positions])
         if trail.sent:
             body["sent"] = encode_rows(torch.cat(trail.sent)[:positions])
-        if isinstance(trail.sampling, SamplingParams):
-            s = trail.sampling
-            body["sampling"] = {"temperature": s.temperature, "top_p": s.top_p, "seed": s.seed}
-        elif trail.sampling is not None:
-            body["sampling"] = trail.sampling
+        if trail.sampling is not None:
+            body["sampling"] = asdict(trail.sampling) if isinstance(trail.sampling, SamplingParams) else trail.sampling
         return body

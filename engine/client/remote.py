@@ -536,7 +536,6 @@ class RemotePipeline:
             "client": self.signaling.peer_id,
             "tokens": state.history[:positions],
             "prompt_tokens": state.given,
-            "greedy": state.sampling.temperature == 0,
             "sampling": asdict(state.sampling),
             "codec": self.codec,
         }

@@ -43,11 +43,12 @@ from engine.audit.compare import assess
 from engine.audit.judge import Blame
 from engine.audit.reference import Tolerance, compute_reference
 from engine.audit.sketch import MAX_AUDIT_POSITIONS, decode_rows
-from engine.errors import ConfigError, KlusterError, ProtocolError
+from engine.errors import KlusterError, ProtocolError
 from engine.fragments import torch_thread
 from engine.fragments.store import Pack, load_span
 from engine.models.llama import FragmentModel
 from engine.models.sampling import SamplingParams
+from engine.protocol import messages as wire
 from engine.protocol.codec import CODECS
 
 log = logging.getLogger(__name__)
@@ -91,15 +92,12 @@ class _Reply:
 
 
 def parse_sampling(raw: Any) -> SamplingParams | None:
-    """``{"temperature", "top_p", "seed"}`` as ``SamplingParams``; None for anything else (pure)."""
-    if not isinstance(raw, dict) or set(raw) != {"temperature", "top_p", "seed"} or type(raw["seed"]) is not int:
-        return None
-    if not all(isinstance(raw[k], int | float) and not isinstance(raw[k], bool) for k in ("temperature", "top_p")):
-        return None
+    """``{"temperature", "top_p", "seed"}`` (as on the wire) as ``SamplingParams``; None for anything else."""
     try:
-        return SamplingParams(float(raw["temperature"]), float(raw["top_p"]), raw["seed"])
-    except ConfigError:
+        s = wire.parse_sampling(raw)
+    except ProtocolError:
         return None
+    return SamplingParams(s.temperature, s.top_p, s.seed)
 
 
 def claimed_sampling(body: dict[str, Any]) -> SamplingParams | None:

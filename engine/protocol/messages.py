@@ -271,7 +271,8 @@ def _timings(v: Any) -> tuple[HopTiming, ...]:
     return tuple(out)
 
 
-def _sampling(v: Any) -> Sampling:
+def parse_sampling(v: Any) -> Sampling:
+    """A ``{"temperature", "top_p", "seed"}`` object as ``Sampling``; ProtocolError when malformed."""
     s = _obj(v, "sampling", {"temperature", "top_p", "seed"})
     temp, top_p = _float(s["temperature"], "temperature"), _float(s["top_p"], "top_p")
     if not 0.0 <= temp <= 100.0 or not 0.0 < top_p <= 1.0:
@@ -411,7 +412,7 @@ def decode_with_tensor(
                 route=route,
                 hop=hop,
                 reply_to=_str(h["reply_to"], "reply_to"),
-                sampling=_sampling(h["sampling"]),
+                sampling=parse_sampling(h["sampling"]),
                 max_tokens=_int(h["max_tokens"], "max_tokens", 1, 10_000_000),
                 timings=_timings(h.get("timings", [])),
                 tensor=_tensor(tensor_desc, payload, max_elements),
