@@ -155,6 +155,8 @@ class SignalingClient:
         msg = await asyncio.wait_for(ws.receive(), limit)
         if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
             reason = msg.extra if isinstance(msg.extra, str) and msg.extra else "no reason given"
+            if ws.close_code == CLOSE_BANNED:  # for good: ``reconnect`` must not try again
+                self.banned = reason
             raise CoordinatorError(f"the coordinator at {self.coordinator} refused us: {reason}")
         if msg.type != aiohttp.WSMsgType.TEXT:
             raise ValueError(f"unexpected {msg.type.name} message")
@@ -254,7 +256,8 @@ class SignalingClient:
         """Connect again (keeping our peer id) until it works, pausing 0.5 s doubling to 2 s.
 
         ``extra`` is called before each attempt for the hello's extra fields (e.g. what a node
-        hosts), so every attempt says what is true at that moment. Cancel to give up.
+        hosts), so every attempt says what is true at that moment. Cancel to give up. A ban is
+        final: CoordinatorError at once.
         """
         delay = 0.5
         while True:
@@ -264,6 +267,8 @@ class SignalingClient:
                 )
                 return
             except CoordinatorError as exc:
+                if self.banned is not None:  # refused at the hello (banned while we were away)
+                    raise CoordinatorError(f"the coordinator banned this {self.role}: {self.banned}") from None
                 pause = delay * random.uniform(0.75, 1.25)
                 log.info("coordinator still unreachable (%s); retrying in %.1f s", exc, pause)
                 await asyncio.sleep(pause)

@@ -154,3 +154,19 @@ async def test_a_coordinator_that_assigns_an_id_not_derived_from_our_key_is_refu
     finally:
         await client.shutdown()
         await runner.cleanup()
+
+
+async def test_a_node_banned_while_away_stops_reconnecting() -> None:
+    """Refused at the hello with the ban's close code, a reconnecting node gives up (it used to retry forever)."""
+    coord = Coordinator(CoordinatorConfig(port=0))
+    port = await coord.start()
+    client = SignalingClient(f"http://127.0.0.1:{port}", "node", "n")
+    try:
+        peer_id = await client.connect()
+        await client.shutdown()  # away (a blip, a restart) when the spot check catches it
+        await coord._ban(peer_id, "n", "j-test", "returned wrong work on job j-test")
+        with pytest.raises(CoordinatorError, match="banned this node: banned: returned wrong work"):
+            await asyncio.wait_for(client.reconnect(), 10)
+    finally:
+        await client.shutdown()
+        await coord.shutdown()
